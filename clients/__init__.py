@@ -1,0 +1,1 @@
+"""Flower ClientApp glue for fedfm (the library lives in ``fedfm``)."""

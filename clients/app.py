@@ -1,0 +1,49 @@
+"""ClientApp: one hospital site. Messages in, calls on ``fedfm.site.Site``, messages out."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedfm.appconfig import apply_node_config, experiment_from_run_config, ledger_dir, site_id_from_node_config
+from fedfm.site import BudgetExhausted, Site
+
+BUDGET_REFUSED = 4001  # error code a site sends when training would exceed its privacy budget
+
+app = ClientApp()
+
+
+def site_for(context: Context) -> Site:
+    config = apply_node_config(experiment_from_run_config(context.run_config), context.node_config)
+    site_id = site_id_from_node_config(context.node_config)
+    return Site(config, site_id, ledger_dir(context.run_config, context.node_config))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = site_for(context)
+    adapter = msg.content["arrays"].to_torch_state_dict()
+    try:
+        reply = site.train(adapter, int(msg.content["config"]["server-round"]))
+    except BudgetExhausted as refusal:
+        return Message(error=Error(code=BUDGET_REFUSED, reason=str(refusal)), reply_to=msg)
+    content = RecordDict({"arrays": ArrayRecord(reply.adapter), "metrics": MetricRecord(reply.metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    site = site_for(context)
+    split = str(msg.content["config"].get("split", "val"))
+    reply = site.evaluate(msg.content["arrays"].to_torch_state_dict(), split)
+    sizes = site.sizes()
+    metrics = {
+        **{k: float(v) for k, v in reply.metrics.items() if k != "n"},
+        "num-examples": int(reply.metrics.get("n", 0)),
+        "site-id": site.site_id,
+        "n-train": sizes["n_train"], "n-val": sizes["n_val"], "n-test": sizes["n_test"],
+    }
+    if msg.content["config"].get("return-predictions", False):
+        metrics["probs"] = [float(p) for p in reply.probs.reshape(-1)]
+        metrics["labels"] = [int(y) for y in reply.labels]
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,56 @@
+"""Turn Flower's flat run/node configuration (plain dicts) into an :class:`ExperimentConfig`.
+
+``[tool.flwr.app.config]`` carries ``config`` (a YAML path, relative to the app folder),
+``overrides`` (``section.key=value`` items separated by ``;``), ``config-json`` (a fully
+resolved config, which wins when non-empty) and ``out-dir``. A site's node config may carry
+``site-id``, ``data-path``, ``ledger-dir`` and ``budget-epsilon``; simulation supplies
+``partition-id`` instead of ``site-id``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedfm.config import ConfigError, ExperimentConfig, load_config, validate_config
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+def split_overrides(text: str) -> list[str]:
+    return [item.strip() for item in text.split(";") if item.strip()]
+
+
+def experiment_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
+    resolved = str(run_config.get("config-json", "") or "")
+    if resolved:
+        return validate_config(json.loads(resolved))
+    path = Path(str(run_config.get("config", "configs/quickstart.yaml")))
+    if not path.is_absolute():
+        path = APP_DIR / path
+    return load_config(path, split_overrides(str(run_config.get("overrides", ""))))
+
+
+def site_id_from_node_config(node_config: Mapping[str, Any]) -> int:
+    for key in ("site-id", "partition-id"):
+        if key in node_config:
+            return int(node_config[key])
+    raise ConfigError("node config has neither 'site-id' nor 'partition-id' (start the SuperNode with --node-config 'site-id=0')")
+
+
+def apply_node_config(config: ExperimentConfig, node_config: Mapping[str, Any]) -> ExperimentConfig:
+    """Per-site settings a hospital controls itself: its data path and its privacy budget."""
+    raw = config.model_dump()
+    if node_config.get("data-path"):
+        raw["data"]["path"] = str(node_config["data-path"])
+    if node_config.get("budget-epsilon"):
+        raw["privacy"]["budget"]["epsilon"] = float(node_config["budget-epsilon"])
+    return validate_config(raw)
+
+
+def ledger_dir(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Path:
+    if node_config.get("ledger-dir"):
+        return Path(str(node_config["ledger-dir"]))
+    return Path(str(run_config.get("out-dir") or "runs/flwr")) / "ledger"

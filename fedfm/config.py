@@ -1,0 +1,234 @@
+"""One validated configuration tree for an fedfm experiment.
+
+Every section forbids unknown keys, so a typo is an error rather than a silent default.
+YAML files in ``configs/`` carry a comment on every field; ``--set section.key=value``
+overrides are parsed as YAML scalars and validated against the same tree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line that names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "medmnist", "folder"] = "synthetic"
+    path: str | None = None
+    name: str | None = None
+    num_sites: int = Field(3, ge=1)
+    partition: Literal["iid", "dirichlet", "natural"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    seed: int = 0
+    image_size: int = Field(32, ge=8)
+    num_classes: int = Field(2, ge=2)
+    samples_per_site: int = Field(300, ge=10)
+    site_shift: float = Field(1.0, ge=0)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    download_dir: str = "~/.fedfm/data"
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "DataConfig":
+        if self.source == "folder" and not self.path:
+            raise ValueError("data.source=folder needs data.path (a folder of site folders)")
+        if self.source == "medmnist" and not (self.path or self.name):
+            raise ValueError("data.source=medmnist needs data.path (an .npz) or data.name")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("data.val_fraction + data.test_fraction must be below 1")
+        return self
+
+
+class ModelConfig(_Section):
+    backbone: str = "vit-tiny"
+    pretrained: bool = True
+    weights_path: str | None = None
+
+
+class LoraConfig(_Section):
+    variant: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | None = None
+    seed: int = 0
+
+
+class BudgetConfig(_Section):
+    epsilon: float = Field(8.0, gt=0)
+
+
+class PrivacyConfig(_Section):
+    enabled: bool = True
+    noise_multiplier: float | None = Field(None, ge=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["prv", "rdp"] = "prv"
+    secure_mode: bool = False
+    budget: BudgetConfig = BudgetConfig()
+
+
+class FederationConfig(_Section):
+    rounds: int = Field(3, ge=1)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    min_train_sites: int = Field(1, ge=1)
+    client_cpus: float = Field(1.0, gt=0)
+    round_timeout_s: float = Field(3600.0, gt=0)
+
+
+class TrainConfig(_Section):
+    local_epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(64, ge=1)
+    max_physical_batch_size: int = Field(128, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(256, ge=1)
+    every_round: bool = True
+    share_predictions: bool = True
+
+
+class OutputConfig(_Section):
+    dir: str | None = None
+    name: str = "fedfm"
+    checkpoint_every_round: bool = True
+
+
+class ExperimentConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _check_privacy(self) -> "ExperimentConfig":
+        p = self.privacy
+        if p.enabled and p.noise_multiplier is not None and p.target_epsilon is not None:
+            raise ValueError(
+                "set privacy.noise_multiplier or privacy.target_epsilon, not both "
+                "(null the one you do not want)"
+            )
+        if self.data.partition == "natural" and self.data.source == "synthetic":
+            raise ValueError("data.partition=natural needs site ids in the data; synthetic data has none")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<config>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        return f"unknown config key '{key}': {_valid_keys_hint(parent)}"
+    if key == "<config>" or first["type"] == "value_error":
+        return f"invalid config: {msg.removeprefix('Value error, ')}"
+    value = first.get("input")
+    return f"config key '{key}' = {value!r}: {msg} (fix it in the YAML or with --set {key}=...)"
+
+
+def _valid_keys_hint(section: str) -> str:
+    model: type[BaseModel] = ExperimentConfig
+    for part in [p for p in section.split(".") if p]:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type):
+            break
+        if not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    where = f"in '{section}'" if section else "at the top level"
+    return f"valid keys {where} are {', '.join(model.model_fields)}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into a key path and a YAML-typed value."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}' is not of the form section.key=value (e.g. --set train.lr=0.001)")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set '{item}' has an empty key (e.g. --set train.lr=0.001)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``section.key=value`` override set."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"--set '{item}': '{where}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist (pass a YAML file such as configs/quickstart.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML experiment (or the defaults), apply ``--set`` overrides and validate."""
+    raw = read_yaml(path) if path is not None else {}
+    config = validate_config(apply_overrides(raw, overrides or []))
+    _resolve_relative_paths(config, Path(path).parent if path is not None else Path.cwd())
+    return config
+
+
+def _resolve_relative_paths(config: ExperimentConfig, base: Path) -> None:
+    """Data paths in a YAML are relative to the YAML's folder unless they exist from the cwd."""
+    for section, key in (("data", "path"), ("model", "weights_path")):
+        obj = getattr(config, section)
+        value = getattr(obj, key)
+        if value and not Path(value).expanduser().is_absolute():
+            here = Path(value)
+            resolved = here if here.exists() else (base / value)
+            setattr(obj, key, str(resolved.resolve()))

@@ -1,0 +1,62 @@
+"""Federated medical imaging data: every source yields one ``SiteData`` per site.
+
+Sources (``data.source``): ``synthetic`` (generated chest-X-ray-like images, label = number of
+lesions), ``medmnist`` (a MedMNIST 2D .npz by path or name, official splits kept) and
+``folder`` (``<root>/<site>/[<split>/]<class>/<image>``). Images come out float32
+(N, C, image_size, image_size) in [0, 1] with C = 1 (gray) or 3 (RGB), labels int64.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from fedfm.config import DataConfig
+from fedfm.data.errors import DataError
+from fedfm.data.types import DatasetInfo, SiteData, Split, label_counts
+
+__all__ = [
+    "DataError",
+    "DatasetInfo",
+    "SiteData",
+    "Split",
+    "dataset_info",
+    "label_counts",
+    "load_site",
+    "load_sites",
+]
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(cfg_json: str) -> tuple[SiteData, ...]:
+    cfg = DataConfig.model_validate_json(cfg_json)
+    if cfg.source == "synthetic":
+        from fedfm.data.synthetic import load_synthetic_sites as loader
+    elif cfg.source == "medmnist":
+        from fedfm.data.medmnist import load_medmnist_sites as loader
+    else:
+        from fedfm.data.folder import load_folder_sites as loader
+    return tuple(loader(cfg))
+
+
+def load_sites(cfg: DataConfig) -> list[SiteData]:
+    """Every site's data for ``cfg``, deterministic; cached per process by the config's JSON.
+
+    The arrays are shared with the cache and read-only: copy before changing them in place.
+    """
+    return list(_load_cached(cfg.model_dump_json()))
+
+
+def load_site(cfg: DataConfig, site_id: int) -> SiteData:
+    """One site's data (``0 <= site_id < data.num_sites``)."""
+    if not 0 <= site_id < cfg.num_sites:
+        raise DataError(f"site id {site_id} is outside 0..{cfg.num_sites - 1} for data.num_sites={cfg.num_sites}")
+    return _load_cached(cfg.model_dump_json())[site_id]
+
+
+def dataset_info(cfg: DataConfig) -> DatasetInfo:
+    """Classes, channels, image size and site names (synthetic: without generating anything)."""
+    if cfg.source == "synthetic":
+        names = tuple(f"site{s}" for s in range(cfg.num_sites))
+        return DatasetInfo(cfg.num_classes, 1, cfg.image_size, names)
+    sites = load_sites(cfg)
+    return DatasetInfo(sites[0].num_classes, sites[0].channels, cfg.image_size, tuple(s.name for s in sites))

@@ -1,0 +1,200 @@
+"""MedMNIST 2D ``.npz`` files (any of them), read from ``data.path`` or downloaded by ``data.name``.
+
+The official train/val/test splits are kept: each is partitioned across sites on its own, so a
+site's train examples come only from ``train_images`` and so on. With ``data.partition=natural``
+the file must carry ``train_sites``/``val_sites``/``test_sites`` (an int site id per image) and
+may carry ``site_names``; ``data.num_sites`` must equal the number of distinct site ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedfm.config import DataConfig
+from fedfm.data.errors import DataError
+from fedfm.data.partition import natural_partition, partition_indices
+from fedfm.data.resize import prepare_images
+from fedfm.data.sites import SPLITS, site_from_splits
+from fedfm.data.types import SiteData
+
+_SIZES = ("64", "128", "224")
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def medmnist_info() -> dict[str, Any]:
+    """The ``medmnist`` package's INFO table (name -> url, MD5, ...)."""
+    try:
+        from medmnist.info import INFO
+    except ImportError:
+        raise DataError(
+            "data.name needs the medmnist package to look up the download: pip install --no-deps medmnist, "
+            "or give data.path (a MedMNIST .npz)"
+        ) from None
+    return INFO
+
+
+def _url_and_md5(name: str) -> tuple[str, str]:
+    info = medmnist_info()
+    base, _, size = name.rpartition("_")
+    if size in _SIZES and base in info:
+        entry, url_key, md5_key = info[base], f"url_{size}", f"MD5_{size}"
+    else:
+        entry, url_key, md5_key = info.get(name), "url", "MD5"
+    if entry is None or url_key not in entry:
+        known = ", ".join(sorted(k for k in info if not k.endswith("3d")))
+        raise DataError(f"data.name '{name}' is not a MedMNIST dataset: use one of {known} (or add _64/_128/_224)")
+    return entry[url_key], entry[md5_key]
+
+
+def download_npz(name: str, download_dir: str) -> Path:
+    """``<download_dir>/<name>.npz``, downloaded and MD5-checked unless already there and intact."""
+    url, md5 = _url_and_md5(name)
+    folder = Path(download_dir).expanduser()
+    target = folder / f"{name}.npz"
+    if target.is_file() and md5sum(target) == md5:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".npz.part")
+    try:
+        with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
+            while block := response.read(1 << 20):
+                out.write(block)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise DataError(
+            f"data.name '{name}': download from {url} failed ({err}): check the network or give data.path"
+        ) from None
+    got = md5sum(partial)
+    if got != md5:
+        partial.unlink(missing_ok=True)
+        raise DataError(
+            f"data.name '{name}': downloaded file has MD5 {got}, expected {md5}: retry, or download it "
+            f"yourself and give data.path"
+        )
+    os.replace(partial, target)
+    return target
+
+
+def resolve_npz(cfg: DataConfig) -> Path:
+    """The .npz to read: ``data.path`` if it exists, else a download of ``data.name``."""
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        if path.is_file():
+            return path
+        if not cfg.name:
+            raise DataError(
+                f"data.path '{cfg.path}' does not exist: give the path of a MedMNIST .npz or set data.name to "
+                "download it"
+            )
+    assert cfg.name  # DataConfig guarantees path or name
+    return download_npz(cfg.name, cfg.download_dir)
+
+
+def _read(npz: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as err:
+        raise DataError(f"data.path '{npz}' is not a readable .npz ({err}): give a MedMNIST .npz") from None
+    missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in arrays]
+    if missing:
+        raise DataError(
+            f"data.path '{npz}' lacks {', '.join(missing)}: give a MedMNIST 2D .npz "
+            "(train/val/test _images and _labels)"
+        )
+    return arrays
+
+
+def _labels(arrays: dict[str, np.ndarray], split: str, npz: Path) -> np.ndarray:
+    labels = arrays[f"{split}_labels"]
+    if labels.ndim == 2 and labels.shape[1] != 1:
+        raise DataError(
+            f"data.path '{npz}' has multi-label {split}_labels {labels.shape} (e.g. ChestMNIST): only "
+            "single-label (binary or multi-class) datasets are supported; pick another data.name"
+        )
+    labels = labels.reshape(-1).astype(np.int64)
+    if len(labels) != len(arrays[f"{split}_images"]):
+        raise DataError(f"data.path '{npz}': {split}_labels and {split}_images differ in length")
+    return labels
+
+
+def _check_images(images: np.ndarray, split: str, npz: Path) -> None:
+    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))):
+        raise DataError(
+            f"data.path '{npz}': {split}_images has shape {images.shape}; expected (N, H, W) or (N, H, W, 3) "
+            "(3D MedMNIST volumes are not supported)"
+        )
+
+
+def _site_names(arrays: dict[str, np.ndarray], cfg: DataConfig, npz: Path) -> list[str]:
+    if cfg.partition != "natural" or "site_names" not in arrays:
+        return [f"site{s}" for s in range(cfg.num_sites)]
+    names = [str(n) for n in arrays["site_names"].reshape(-1)]
+    if len(names) != cfg.num_sites:
+        raise DataError(
+            f"data.path '{npz}' lists {len(names)} site_names but data.num_sites={cfg.num_sites}: "
+            f"set data.num_sites={len(names)}"
+        )
+    return names
+
+
+def _natural_site_ids(arrays: dict[str, np.ndarray], cfg: DataConfig, npz: Path) -> dict[str, np.ndarray]:
+    missing = [f"{s}_sites" for s in SPLITS if f"{s}_sites" not in arrays]
+    if missing:
+        raise DataError(
+            f"data.partition=natural needs {', '.join(missing)} (a site id per image) in data.path '{npz}': "
+            "add them or use data.partition=iid or dirichlet"
+        )
+    ids = {s: arrays[f"{s}_sites"].reshape(-1).astype(np.int64) for s in SPLITS}
+    distinct = np.unique(np.concatenate(list(ids.values())))
+    if len(distinct) != cfg.num_sites:
+        raise DataError(
+            f"data.num_sites={cfg.num_sites} but data.path '{npz}' has {len(distinct)} distinct site ids "
+            f"({distinct.tolist()[:10]}): set data.num_sites={len(distinct)}"
+        )
+    for s in SPLITS:
+        if len(ids[s]) != len(arrays[f"{s}_images"]):
+            raise DataError(f"data.path '{npz}': {s}_sites and {s}_images differ in length")
+    return ids
+
+
+def load_medmnist_sites(cfg: DataConfig) -> list[SiteData]:
+    """All sites of a MedMNIST .npz under ``cfg``; each official split is partitioned separately."""
+    npz = resolve_npz(cfg)
+    arrays = _read(npz)
+    labels = {s: _labels(arrays, s, npz) for s in SPLITS}
+    all_labels = np.concatenate(list(labels.values()))
+    if all_labels.size and all_labels.min() < 0:
+        raise DataError(f"data.path '{npz}' has negative labels: labels must be 0..num_classes-1")
+    found = int(all_labels.max()) + 1 if all_labels.size else 0
+    if found > cfg.num_classes:
+        raise DataError(
+            f"data.num_classes={cfg.num_classes} but data.path '{npz}' has labels up to {found - 1}: "
+            f"set data.num_classes={found}"
+        )
+    site_ids = _natural_site_ids(arrays, cfg, npz) if cfg.partition == "natural" else None
+    names = _site_names(arrays, cfg, npz)
+    per_site: list[dict[str, tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(cfg.num_sites)]
+    for salt, split in enumerate(SPLITS):
+        images = arrays[f"{split}_images"]
+        _check_images(images, split, npz)
+        if site_ids is not None:
+            parts = natural_partition(site_ids[split], cfg.num_sites, what=f"{split}_sites of '{npz}'")
+        else:
+            parts = partition_indices(labels[split], cfg, salt=salt, num_classes=cfg.num_classes)
+        for s, idx in enumerate(parts):
+            per_site[s][split] = (prepare_images(images[idx], cfg.image_size), labels[split][idx])
+    return [site_from_splits(cfg, s, names[s], per_site[s], cfg.num_classes) for s in range(cfg.num_sites)]

@@ -1,0 +1,62 @@
+"""Plain containers for one site's data: images as float32 NCHW in [0, 1] plus int64 labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of one site; arrays are made read-only because loaders cache them."""
+
+    images: np.ndarray  # float32, (N, C, H, W), values in [0, 1], already resized to cfg.image_size
+    labels: np.ndarray  # int64, (N,)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != np.float32:
+            raise ValueError(f"Split.images must be float32 (N, C, H, W), got {self.images.dtype} {self.images.shape}")
+        if self.labels.ndim != 1 or self.labels.dtype != np.int64:
+            raise ValueError(f"Split.labels must be int64 (N,), got {self.labels.dtype} {self.labels.shape}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"Split has {len(self.images)} images but {len(self.labels)} labels")
+        self.images.setflags(write=False)
+        self.labels.setflags(write=False)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """Everything one federated site holds: its train/val/test splits and how it was made."""
+
+    site_id: int
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    channels: int  # C of the images (1 gray, 3 RGB)
+    shift: dict[str, float] = field(default_factory=dict)  # acquisition shift applied (empty if none)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about the data before seeing it."""
+
+    num_classes: int
+    channels: int
+    image_size: int
+    site_names: tuple[str, ...]
+
+
+def label_counts(split: Split, num_classes: int) -> list[int]:
+    """Number of examples of each class in ``split`` (length ``num_classes``)."""
+    return np.bincount(split.labels, minlength=num_classes)[:num_classes].astype(int).tolist()
+
+
+def empty_split(channels: int, size: int) -> Split:
+    """A split with no examples but the right image shape."""
+    return Split(np.zeros((0, channels, size, size), np.float32), np.zeros((0,), np.int64))

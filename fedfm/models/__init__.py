@@ -1,0 +1,41 @@
+"""Backbones (registry of factories) and LoRA adapters on them; no Flower imports."""
+
+from fedfm.models.lora import (
+    adapter_state_dict,
+    apply_lora,
+    build_model,
+    clear_model_cache,
+    count_parameters,
+    freeze_norm_layers,
+    full_model_bytes,
+    load_adapter_state_dict,
+    save_adapter,
+    state_bytes,
+    train_mode,
+    unwrap,
+)
+from fedfm.models.registry import (
+    Backbone,
+    available_backbones,
+    build_backbone,
+    register_backbone,
+)
+
+__all__ = [
+    "Backbone",
+    "adapter_state_dict",
+    "apply_lora",
+    "available_backbones",
+    "build_backbone",
+    "build_model",
+    "clear_model_cache",
+    "count_parameters",
+    "freeze_norm_layers",
+    "full_model_bytes",
+    "load_adapter_state_dict",
+    "register_backbone",
+    "save_adapter",
+    "state_bytes",
+    "train_mode",
+    "unwrap",
+]

@@ -1,0 +1,133 @@
+"""LoRA on a backbone (peft), frozen norm layers, and the adapter state that sites and server exchange."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+from fedfm.config import ConfigError, LoraConfig, ModelConfig
+from fedfm.models.registry import Backbone, build_backbone
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The peft model inside an Opacus ``GradSampleModule`` (or the model itself)."""
+    return getattr(model, "_module", model)
+
+
+def apply_lora(backbone: Backbone, lora_cfg: LoraConfig) -> nn.Module:
+    """Wrap ``backbone.model`` (in place) with a seeded LoRA adapter; only adapter + head train."""
+    target = lora_cfg.target_modules or backbone.lora_targets
+    config = PeftLoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=target,
+        modules_to_save=list(backbone.head),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(lora_cfg.seed)
+        try:
+            model = get_peft_model(backbone.model, config)
+        except ValueError as err:
+            msg = str(err).splitlines()[0]
+            raise ConfigError(f"lora.target_modules={target!r} does not fit backbone {backbone.name}: {msg}") from None
+    _check_only_adapter_trains(model)
+    return model
+
+
+def _check_only_adapter_trains(model: nn.Module) -> None:
+    wrong = [n for n, p in model.named_parameters() if p.requires_grad and not _is_adapter_key(n)]
+    if wrong:
+        raise RuntimeError(f"base parameters left trainable after LoRA: {wrong[:5]}")
+
+
+def _is_adapter_key(name: str) -> bool:
+    return "lora_" in name or ".modules_to_save." in name
+
+
+def freeze_norm_layers(model: nn.Module) -> nn.Module:
+    """Put every BatchNorm/LayerNorm/GroupNorm/InstanceNorm in eval mode (running stats stay as built)."""
+    for module in model.modules():
+        if isinstance(module, NORM_TYPES):
+            module.eval()
+    return model
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()`` with norm layers kept in eval mode; use instead of ``.train()``."""
+    model.train()
+    return freeze_norm_layers(model)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter + head tensors (fp32, CPU, contiguous, detached), keys sorted."""
+    state = get_peft_model_state_dict(unwrap(model))
+    return {k: state[k].detach().to("cpu", torch.float32).contiguous().clone() for k in sorted(state)}
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter + head tensors; raises ``ValueError`` naming missing/unexpected keys or bad shapes."""
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"adapter keys do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"adapter shapes do not match the model: {wrong[:5]}")
+    result = set_peft_model_state_dict(unwrap(model), {k: torch.as_tensor(v) for k, v in state.items()})
+    if result.unexpected_keys:
+        raise ValueError(f"peft did not place adapter keys {result.unexpected_keys[:5]}")
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(unwrap(model).parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def state_bytes(state_dict: dict[str, torch.Tensor]) -> int:
+    """Bytes of a state dict's tensors (numel * element size)."""
+    return sum(t.numel() * t.element_size() for t in state_dict.values())
+
+
+def full_model_bytes(model: nn.Module) -> int:
+    """Bytes of the whole model's state dict, base weights included."""
+    return state_bytes(unwrap(model).state_dict())
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (load with ``PeftModel.from_pretrained``)."""
+    out = Path(out_dir)
+    unwrap(model).save_pretrained(str(out))
+    return out
+
+
+_CACHE: dict[str, tuple[nn.Module, Backbone]] = {}
+
+
+def build_model(
+    model_cfg: ModelConfig, lora_cfg: LoraConfig, num_classes: int, in_channels: int, image_size: int
+) -> tuple[nn.Module, Backbone]:
+    """Backbone + LoRA, from an in-process cache of pristine copies; returns (peft model, backbone)."""
+    key = json.dumps([model_cfg.model_dump(), lora_cfg.model_dump(), num_classes, in_channels, image_size])
+    if key not in _CACHE:
+        backbone = build_backbone(model_cfg, num_classes, in_channels, image_size)
+        _CACHE[key] = (apply_lora(backbone, lora_cfg), backbone)
+    pristine, backbone = _CACHE[key]
+    model = copy.deepcopy(pristine)
+    return model, replace(backbone, model=model.get_base_model())
+
+
+def clear_model_cache() -> None:
+    """Forget cached pristine models (frees their memory)."""
+    _CACHE.clear()

@@ -1,0 +1,71 @@
+"""Backbone registry: a name in ``model.backbone`` -> a factory that builds a :class:`Backbone`."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedfm.config import ConfigError, ModelConfig
+
+HF_PREFIX = "hf:"
+# Random parts of every backbone (random-init bases, new heads) are drawn from this seed, so the
+# server and every site build bit-identical base weights without exchanging them.
+BASE_SEED = 0
+
+_BUILTIN_MODULES = ("fedfm.models.vit", "fedfm.models.efficientnet", "fedfm.models.hf")
+
+
+@dataclass
+class Backbone:
+    """A classifier ready for LoRA: ``model`` maps [0,1] images (N, C, S, S) to logits (N, K)."""
+
+    model: nn.Module
+    name: str
+    image_size: int  # input size the model expects (the data layer resizes to this)
+    lora_targets: str  # default regex for peft ``target_modules``
+    head: list[str]  # module names of the newly initialised classifier -> peft ``modules_to_save``
+
+
+Factory = Callable[[ModelConfig, int, int, int], Backbone]
+_FACTORIES: dict[str, Factory] = {}
+
+
+def register_backbone(name: str) -> Callable[[Factory], Factory]:
+    """Decorator: register ``factory(model_cfg, num_classes, in_channels, image_size)`` under ``name``."""
+
+    def decorate(factory: Factory) -> Factory:
+        if name in _FACTORIES and _FACTORIES[name] is not factory:
+            raise ValueError(f"backbone '{name}' is registered twice")
+        _FACTORIES[name] = factory
+        return factory
+
+    return decorate
+
+
+def _import_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def available_backbones() -> list[str]:
+    """Registered names, sorted; ``hf:<hub-id-or-dir>`` stands for any HF vision encoder."""
+    _import_builtins()
+    return sorted(n for n in _FACTORIES if n != HF_PREFIX) + [f"{HF_PREFIX}<hub-id-or-dir>"]
+
+
+def build_backbone(model_cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> Backbone:
+    """Build the backbone named by ``model_cfg.backbone`` with seeded, reproducible random parts."""
+    _import_builtins()
+    name = model_cfg.backbone
+    key = HF_PREFIX if name.startswith(HF_PREFIX) else name
+    if key not in _FACTORIES:
+        raise ConfigError(
+            f"model.backbone={name!r} is not a known backbone; available: {', '.join(available_backbones())}"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BASE_SEED)
+        return _FACTORIES[key](model_cfg, num_classes, in_channels, image_size)

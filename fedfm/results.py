@@ -1,0 +1,181 @@
+"""What the server keeps of a run: per-round history, checkpoints, the final adapter and results.json.
+
+Every write goes through a temp file and a rename, so a crash never leaves a torn file;
+``results.json`` is rewritten after every round with ``status: running``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from fedfm.config import ExperimentConfig
+from fedfm.eval.metrics import classification_metrics
+from fedfm.models import load_adapter_state_dict, save_adapter, state_bytes
+
+
+@dataclass
+class SiteEvaluation:
+    """A site's final test evaluation as the server received it."""
+
+    metrics: dict[str, float]
+    probs: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+
+@dataclass
+class RunRecorder:
+    config: ExperimentConfig
+    run_dir: Path
+    model: torch.nn.Module  # backbone + LoRA, used to write the adapter in PEFT format
+    full_model_bytes: int
+    update_bytes: int = 0
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    site_train: dict[str, dict[str, float]] = field(default_factory=dict)
+    bytes_moved: int = 0
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def record_transfer(self, adapter_bytes: int, messages: int) -> None:
+        self.update_bytes = adapter_bytes
+        self.bytes_moved += adapter_bytes * messages
+
+    def record_round(
+        self,
+        server_round: int,
+        train: dict[str, dict[str, float]],
+        refused: dict[str, str],
+        evaluation: dict[str, dict[str, float]],
+    ) -> dict[str, Any]:
+        for site, metrics in train.items():
+            self.site_train[site] = metrics
+        entry = {
+            "round": server_round,
+            "participants": sorted(train),
+            "refused": refused,
+            "train": train,
+            "train_loss": _weighted(train, "train-loss"),
+            "max_epsilon": max((m.get("epsilon", 0.0) for m in train.values()), default=0.0),
+            "val": evaluation,
+            "val_auroc": _weighted(evaluation, "auroc"),
+            "elapsed_s": round(time.time() - self.started, 2),
+        }
+        self.rounds.append(entry)
+        return entry
+
+    def checkpoint(self, server_round: int, adapter: dict[str, torch.Tensor]) -> None:
+        folder = self.run_dir / "checkpoint"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / "adapter.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp))
+        os.replace(tmp, folder / "adapter.safetensors")
+        _write_json(folder / "state.json", {"round": server_round, "time": time.time()})
+        self.write_results(status="running")
+
+    def finalize(self, adapter: dict[str, torch.Tensor], evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
+        load_adapter_state_dict(self.model, adapter)
+        save_adapter(self.model, self.run_dir / "adapter")
+        return self.write_results(status="complete", evaluations=evaluations)
+
+    def write_results(self, status: str, evaluations: dict[str, SiteEvaluation] | None = None) -> dict[str, Any]:
+        results = {
+            "status": status,
+            "config": self.config.model_dump(),
+            "rounds": self.rounds,
+            "sites": self._sites(evaluations or {}),
+            "pooled": _pooled(evaluations or {}),
+            "communication": self._communication(),
+            "wall_time_s": round(time.time() - self.started, 2),
+        }
+        _write_json(self.run_dir / "results.json", results)
+        return results
+
+    def _sites(self, evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
+        sites: dict[str, Any] = {}
+        for site in sorted(set(evaluations) | set(self.site_train), key=_site_order):
+            ev = evaluations.get(site)
+            metrics = dict(ev.metrics) if ev else {}
+            train = self.site_train.get(site, {})
+            sites[site] = {
+                "n_train": int(metrics.pop("n-train", train.get("num-examples", 0))),
+                "n_val": int(metrics.pop("n-val", 0)),
+                "n_test": int(metrics.pop("n-test", 0)),
+                "test": {k: metrics[k] for k in ("auroc", "accuracy", "balanced_accuracy", "loss") if k in metrics},
+                "epsilon": float(train.get("epsilon", 0.0)),
+                "delta": float(train.get("delta", 0.0)),
+                "rounds_trained": sum(site in r["participants"] for r in self.rounds),
+            }
+        return sites
+
+    def _communication(self) -> dict[str, Any]:
+        return {
+            "update_bytes": self.update_bytes,
+            "full_model_bytes": self.full_model_bytes,
+            "update_to_full_ratio": self.update_bytes / self.full_model_bytes if self.full_model_bytes else None,
+            "total_bytes_moved": self.bytes_moved,
+        }
+
+
+def adapter_bytes(adapter: dict[str, torch.Tensor]) -> int:
+    return state_bytes(adapter)
+
+
+def _pooled(evaluations: dict[str, SiteEvaluation]) -> dict[str, float]:
+    parts = [ev for ev in evaluations.values() if ev.probs is not None and len(ev.probs)]
+    if not parts:
+        return {}
+    probs = np.concatenate([ev.probs for ev in parts])
+    labels = np.concatenate([ev.labels for ev in parts])
+    return classification_metrics(probs, labels)
+
+
+def _weighted(per_site: dict[str, dict[str, float]], key: str) -> float | None:
+    pairs = [
+        (m[key], m.get("num-examples", m.get("n", 1)))
+        for m in per_site.values()
+        if key in m and not math.isnan(m[key])
+    ]
+    total = sum(w for _, w in pairs)
+    return float(sum(v * w for v, w in pairs) / total) if total else None
+
+
+def _site_order(name: str) -> tuple[int, str]:
+    tail = name.rsplit("-", 1)[-1]
+    return (int(tail), name) if tail.isdigit() else (10**9, name)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_finite(payload), indent=2, default=_json_default, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _finite(obj: Any) -> Any:
+    """NaN (e.g. AUROC of a one-class test set) becomes null, which JSON can hold."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot serialise {type(obj).__name__}")

@@ -1,0 +1,154 @@
+"""Run an experiment on Flower's simulation engine through ``flwr run``.
+
+The experiment config is resolved here, written into the run folder and handed to the
+ServerApp and every ClientApp as ``config-json`` in the run config, so all processes see
+exactly the same validated settings. ``flwr run`` starts a local SuperLink in the
+background; if this call started it, it is stopped again when the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from fedfm.appconfig import APP_DIR
+from fedfm.config import ConfigError, ExperimentConfig
+
+LOCAL_SUPERLINK_PORT = 39093
+
+
+def default_run_dir(config: ExperimentConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.output.name}-{stamp}"
+
+
+def prepare_run_dir(config: ExperimentConfig, out: str | None) -> Path:
+    run_dir = Path(out or config.output.dir or default_run_dir(config)).expanduser().resolve()
+    if (run_dir / "results.json").exists():
+        raise ConfigError(f"output folder '{run_dir}' already holds a run: pass a new --out (nothing was overwritten)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.output.dir = str(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    return run_dir
+
+
+def write_run_config(config: ExperimentConfig, run_dir: Path) -> Path:
+    """The ``--run-config`` TOML: the resolved experiment as JSON plus the output folder."""
+    path = run_dir / "run-config.toml"
+    path.write_text(
+        f"config-json = {json.dumps(config.to_json())}\n"
+        f"out-dir = {json.dumps(str(run_dir))}\n"
+    )
+    return path
+
+
+def federation_config(config: ExperimentConfig) -> str:
+    cpus = max(1, os.cpu_count() or 1)
+    return (
+        f"num-supernodes={config.data.num_sites} "
+        f"backend.client-resources.num-cpus={config.federation.client_cpus} "
+        f"backend.init-args.num-cpus={cpus}"
+    )
+
+
+def flwr_command(config: ExperimentConfig, run_config: Path) -> list[str]:
+    flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
+    return [
+        flwr, "run", str(APP_DIR),
+        "--run-config", str(run_config),
+        "--federation-config", federation_config(config),
+        "--stream",
+    ]
+
+
+def simulation_env(config: ExperimentConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    env["OMP_NUM_THREADS"] = str(config.train.threads)
+    env["MKL_NUM_THREADS"] = str(config.train.threads)
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    return env
+
+
+def run_simulation(config: ExperimentConfig, out: str | None = None, verbose: bool = False) -> Path:
+    """Run ``config`` on Flower's simulation engine; return the run folder with results.json."""
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise ConfigError(f"fedfm simulate needs the fedfm app folder (with pyproject.toml); not found at {APP_DIR}")
+    run_dir = prepare_run_dir(config, out)
+    command = flwr_command(config, write_run_config(config, run_dir))
+    superlink_was_up = _port_open(LOCAL_SUPERLINK_PORT)
+    print(f"[fedfm] {config.data.num_sites} sites, {config.federation.rounds} rounds -> {run_dir}", flush=True)
+    log_path = run_dir / "flwr.log"
+    try:
+        code = _stream(command, simulation_env(config), log_path, verbose)
+    finally:
+        if not superlink_was_up:
+            stop_local_superlink()
+    results = run_dir / "results.json"
+    status = json.loads(results.read_text()).get("status") if results.exists() else None
+    if code != 0 or status != "complete":
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
+        raise RuntimeError(f"simulation did not complete (flwr exit {code}, status {status}); last log lines:\n{tail}")
+    return run_dir
+
+
+def _stream(command: list[str], env: dict[str, str], log_path: Path, verbose: bool) -> int:
+    """Run ``command``, keep its full output in ``log_path``, echo progress lines."""
+    done = False
+    with open(log_path, "w") as log, subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if verbose or "ERROR" in line or "Traceback" in line:
+                print(line.rstrip(), flush=True)
+            elif "[fedfm]" in line:  # progress lines, without Flower's log prefix
+                print("[fedfm]" + line.split("[fedfm]", 1)[1].rstrip(), flush=True)
+            if "[fedfm] done:" in line:
+                done = True
+        code = proc.wait()
+    return 0 if done and code in (0, None) else code
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def local_superlink_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [
+        int(line.split(None, 1)[0])
+        for line in out.splitlines()
+        if "flower-superlink" in line and "python" in line or line.strip().split(None, 1)[-1].startswith("flower-superlink")
+    ]
+
+
+def stop_local_superlink(timeout: float = 15.0) -> None:
+    """Stop the background SuperLink that ``flwr run`` starts for local simulations."""
+    for pid in local_superlink_pids():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    deadline = time.time() + timeout
+    while local_superlink_pids() and time.time() < deadline:
+        time.sleep(0.2)
+    for pid in local_superlink_pids():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,158 @@
+"""What one hospital does in a round: train the global adapter locally, or evaluate it.
+
+No Flower here: the ClientApp turns messages into calls on :class:`Site` and back, so the
+same code runs in simulation, in deployment and in tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import opacus
+import torch
+
+from fedfm.config import ExperimentConfig
+from fedfm.data import load_site
+from fedfm.data.types import SiteData
+from fedfm.eval.metrics import classification_metrics
+from fedfm.models import adapter_state_dict, build_model, load_adapter_state_dict
+from fedfm.privacy.accountant import SiteAccountant, StepBatch, calibrate_noise
+from fedfm.privacy.ledger import SiteLedger
+from fedfm.training.local import plan_steps, predict_probs, train_round
+
+
+class BudgetExhausted(RuntimeError):
+    """The site refuses a round because it would take its epsilon above its budget."""
+
+
+def site_name(site_id: int) -> str:
+    return f"site-{site_id}"
+
+
+def round_seed(seed: int, site_id: int, server_round: int) -> int:
+    """A seed per (experiment seed, site, round): independent streams, reproducible runs."""
+    digest = hashlib.sha256(f"{seed}/{site_id}/{server_round}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    adapter: dict[str, torch.Tensor]
+    metrics: dict[str, float | int]
+
+
+@dataclass(frozen=True)
+class EvalReply:
+    metrics: dict[str, float | int]
+    probs: np.ndarray
+    labels: np.ndarray
+
+
+class Site:
+    """One hospital: its data, its ledger and its privacy budget."""
+
+    def __init__(self, config: ExperimentConfig, site_id: int, ledger_dir: str | Path):
+        self.config = config
+        self.site_id = site_id
+        self.name = site_name(site_id)
+        self.data: SiteData = load_site(config.data, site_id)
+        self.ledger = SiteLedger(ledger_dir, self.name)
+
+    def fresh_model(self, global_adapter: dict[str, torch.Tensor]) -> torch.nn.Module:
+        model, _ = build_model(
+            self.config.model, self.config.lora, self.data.num_classes,
+            self.data.channels, self.config.data.image_size,
+        )
+        load_adapter_state_dict(model, global_adapter)
+        return model
+
+    def noise_multiplier(self, sample_rate: float, steps_per_round: int) -> float:
+        """The configured sigma, or one calibrated to the target epsilon over all planned rounds."""
+        privacy = self.config.privacy
+        if privacy.noise_multiplier is not None:
+            return privacy.noise_multiplier
+        target = privacy.target_epsilon or privacy.budget.epsilon
+        total_steps = steps_per_round * self.config.federation.rounds
+        return _calibrated_noise(target, privacy.delta, sample_rate, total_steps, privacy.accountant)
+
+    def train(self, global_adapter: dict[str, torch.Tensor], server_round: int) -> TrainReply:
+        cfg = self.config
+        torch.set_num_threads(cfg.train.threads)
+        plan = plan_steps(len(self.data.train), cfg.train.batch_size, cfg.train.local_epochs)
+        accountant = sigma = None
+        if cfg.privacy.enabled:
+            accountant = self.ledger.accountant(cfg.privacy.accountant)
+            sigma = self.noise_multiplier(plan.sample_rate, plan.steps)
+            self._check_budget(accountant, StepBatch(sigma, plan.sample_rate, plan.steps))
+        model = self.fresh_model(global_adapter)
+        started = time.perf_counter()
+        outcome = train_round(
+            model, self.data.train, cfg.train, cfg.privacy, accountant, sigma or 0.0,
+            round_seed(cfg.train.seed, self.site_id, server_round),
+        )
+        seconds = time.perf_counter() - started
+        epsilon = 0.0
+        if accountant is not None:
+            epsilon = accountant.epsilon(cfg.privacy.delta)
+            self._record(server_round, outcome.steps, sigma, outcome.sample_rate, epsilon)
+        metrics = {
+            "num-examples": len(self.data.train),
+            "site-id": self.site_id,
+            "train-loss": outcome.mean_loss,
+            "steps": outcome.steps,
+            "epsilon": epsilon,
+            "delta": cfg.privacy.delta if cfg.privacy.enabled else 0.0,
+            "noise-multiplier": outcome.noise_multiplier,
+            "sample-rate": outcome.sample_rate,
+            "train-seconds": seconds,
+        }
+        return TrainReply(adapter_state_dict(model), metrics)
+
+    def _check_budget(self, accountant: SiteAccountant, batch: StepBatch) -> None:
+        privacy = self.config.privacy
+        projected = accountant.epsilon_after(batch, privacy.delta)
+        if projected > privacy.budget.epsilon:
+            spent = accountant.epsilon(privacy.delta)
+            raise BudgetExhausted(
+                f"{self.name} refuses the round: epsilon would reach {projected:.3f} > budget "
+                f"{privacy.budget.epsilon} (spent so far {spent:.3f} at delta {privacy.delta})"
+            )
+
+    def _record(self, server_round: int, steps: int, sigma: float, q: float, epsilon: float) -> None:
+        privacy = self.config.privacy
+        self.ledger.append({
+            "round": server_round,
+            "steps": steps,
+            "noise_multiplier": sigma,
+            "sample_rate": q,
+            "sampling": "poisson",
+            "max_grad_norm": privacy.max_grad_norm,
+            "delta": privacy.delta,
+            "accountant": privacy.accountant,
+            "accountant_library": f"opacus {opacus.__version__}",
+            "epsilon": epsilon,
+            "budget_epsilon": privacy.budget.epsilon,
+            "n_train": len(self.data.train),
+            "time": time.time(),
+        })
+
+    def evaluate(self, global_adapter: dict[str, torch.Tensor], split: str) -> EvalReply:
+        torch.set_num_threads(self.config.train.threads)
+        data = getattr(self.data, split)
+        model = self.fresh_model(global_adapter)
+        probs = predict_probs(model, data, self.config.eval.batch_size)
+        metrics = classification_metrics(probs, data.labels) if len(data) else {"n": 0}
+        return EvalReply(metrics, probs, data.labels)
+
+    def sizes(self) -> dict[str, int]:
+        return {"n_train": len(self.data.train), "n_val": len(self.data.val), "n_test": len(self.data.test)}
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated_noise(target: float, delta: float, q: float, steps: int, mechanism: str) -> float:
+    return calibrate_noise(target, delta, q, steps, mechanism)

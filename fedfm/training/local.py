@@ -1,0 +1,145 @@
+"""Local training of one site's adapter for one round, with or without DP-SGD.
+
+With privacy on, Opacus' ``PrivacyEngine.make_private`` wraps the model, optimizer and a
+Poisson-sampled data loader; the engine is handed the site's persistent accountant, so the
+round's steps compose onto the site's whole history instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedfm.config import PrivacyConfig, TrainConfig
+from fedfm.data.types import Split
+from fedfm.models.lora import train_mode
+from fedfm.privacy.accountant import SiteAccountant
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many optimizer steps a round takes and at which Poisson sampling rate."""
+
+    sample_rate: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    steps: int
+    mean_loss: float
+    noise_multiplier: float
+    sample_rate: float
+
+
+def plan_steps(n_train: int, batch_size: int, local_epochs: float) -> StepPlan:
+    """Expected batch ``batch_size`` means sampling rate 1/ceil(n/B), as Opacus' DPDataLoader uses."""
+    batches_per_epoch = max(1, math.ceil(n_train / batch_size))
+    return StepPlan(1.0 / batches_per_epoch, max(1, round(local_epochs * batches_per_epoch)))
+
+
+def split_dataset(split: Split) -> TensorDataset:
+    return TensorDataset(torch.tensor(split.images), torch.tensor(split.labels))  # cached arrays are read-only
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_round(
+    model: nn.Module,
+    split: Split,
+    train_cfg: TrainConfig,
+    privacy_cfg: PrivacyConfig,
+    accountant: SiteAccountant | None,
+    noise_multiplier: float,
+    seed: int,
+) -> RoundOutcome:
+    """Train ``model``'s trainable parameters in place for one round of local steps."""
+    plan = plan_steps(len(split), train_cfg.batch_size, train_cfg.local_epochs)
+    torch.manual_seed(seed)  # drives Poisson sampling, DP noise and dropout of this round
+    loader = DataLoader(split_dataset(split), batch_size=train_cfg.batch_size, shuffle=True)
+    optimizer = make_optimizer(model, train_cfg)
+    if accountant is None:
+        losses = _run_steps(model, optimizer, loader, plan.steps, lambda: None)
+        return RoundOutcome(plan.steps, float(np.mean(losses)), 0.0, plan.sample_rate)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=accountant.mechanism, secure_mode=privacy_cfg.secure_mode)
+        engine.accountant = accountant.opacus  # the site's history, not a fresh one
+        private_model, private_opt, private_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=privacy_cfg.max_grad_norm,
+            poisson_sampling=True,
+        )
+    start = accountant.total_steps
+    try:
+        with BatchMemoryManager(
+            data_loader=private_loader,
+            max_physical_batch_size=train_cfg.max_physical_batch_size,
+            optimizer=private_opt,
+        ) as physical_loader:
+            losses = _run_steps(
+                private_model, private_opt, physical_loader, plan.steps,
+                lambda: accountant.total_steps - start,
+            )
+    finally:
+        private_model._close()  # remove Opacus hooks from the (discarded) wrapper
+    taken = accountant.total_steps - start
+    return RoundOutcome(taken, float(np.mean(losses)) if losses else float("nan"),
+                        noise_multiplier, private_loader.sample_rate)
+
+
+def _run_steps(model, optimizer, loader, steps: int, dp_steps_taken) -> list[float]:
+    """Loop over ``loader`` until ``steps`` optimizer steps were taken.
+
+    ``dp_steps_taken`` returns the accountant's count under DP (physical batches of one logical
+    batch do not step), or None without DP, where every batch is one step.
+    """
+    loss_fn = nn.CrossEntropyLoss()
+    train_mode(model)
+    # The frozen input layer needs no gradient, which makes torch note that Opacus' hooks fire
+    # on module outputs; that is what they are meant to do here.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    losses: list[float] = []
+    taken = 0
+    while taken < steps:
+        for images, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(images), labels)
+            loss.backward()  # an empty Poisson batch still steps: Opacus adds the noise
+            if len(labels) > 0:
+                losses.append(float(loss.detach()))
+            optimizer.step()
+            counted = dp_steps_taken()
+            taken = taken + 1 if counted is None else counted
+            if taken >= steps:
+                break
+    optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, split: Split, batch_size: int) -> np.ndarray:
+    """Class probabilities (N, C) of ``model`` on ``split``, in eval mode."""
+    model.eval()
+    out = []
+    for start in range(0, len(split), batch_size):
+        images = torch.tensor(split.images[start : start + batch_size])
+        out.append(torch.softmax(model(images).float(), dim=1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)

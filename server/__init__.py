@@ -1,0 +1,1 @@
+"""Flower ServerApp glue for fedfm (the library lives in ``fedfm``)."""

@@ -1,0 +1,81 @@
+"""ServerApp: adapter-only FedAvg over the sites, checkpoints every round, results at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedfm.appconfig import experiment_from_run_config
+from fedfm.global_model import build_global_model
+from fedfm.models import adapter_state_dict, full_model_bytes
+from fedfm.results import RunRecorder, SiteEvaluation
+from fedfm.site import site_name
+from server.strategy import AdapterFedAvg
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = experiment_from_run_config(context.run_config)
+    run_dir = Path(str(context.run_config.get("out-dir") or "runs/flwr"))
+    model = build_global_model(config)
+    initial = adapter_state_dict(model)
+    recorder = RunRecorder(config, run_dir, model, full_model_bytes(model))
+    fed = config.federation
+    strategy = AdapterFedAvg(
+        recorder,
+        adapter_keys=list(initial),
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate if config.eval.every_round else 0.0,
+        min_train_nodes=fed.min_train_sites,
+        min_evaluate_nodes=1,
+        min_available_nodes=config.data.num_sites,
+    )
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        if server_round > 0 and config.output.checkpoint_every_round:
+            recorder.checkpoint(server_round, arrays.to_torch_state_dict())
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(initial),
+        num_rounds=fed.rounds,
+        timeout=fed.round_timeout_s,
+        evaluate_config=ConfigRecord({"split": "val"}),
+        evaluate_fn=checkpoint,
+    )
+    final = result.arrays if result.arrays is not None else ArrayRecord(initial)
+    evaluations = evaluate_on_test(grid, final, config.eval.share_predictions, fed.round_timeout_s)
+    recorder.record_transfer(final.count_bytes(), len(evaluations))
+    results = recorder.finalize(final.to_torch_state_dict(), evaluations)
+    pooled = results["pooled"].get("auroc")
+    print(f"[fedfm] done: pooled test AUROC {pooled}, results in {run_dir}", flush=True)
+
+
+def evaluate_on_test(grid: Grid, arrays: ArrayRecord, predictions: bool, timeout: float) -> dict[str, SiteEvaluation]:
+    """Ask every site to evaluate the final adapter on its own test split."""
+    config = ConfigRecord({"split": "test", "return-predictions": predictions})
+    messages = [
+        Message(
+            content=RecordDict({"arrays": arrays, "config": config}),
+            message_type=MessageType.EVALUATE,
+            dst_node_id=node_id,
+        )
+        for node_id in grid.get_node_ids()
+    ]
+    out: dict[str, SiteEvaluation] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            print(f"[fedfm] node {reply.metadata.src_node_id} failed its test evaluation: {reply.error.reason}")
+            continue
+        metrics = dict(reply.content["metrics"])
+        probs = labels = None
+        if "probs" in metrics:
+            labels = np.asarray(metrics.pop("labels"), dtype=np.int64)
+            probs = np.asarray(metrics.pop("probs"), dtype=np.float64).reshape(len(labels), -1)
+        out[site_name(int(metrics.pop("site-id")))] = SiteEvaluation(metrics, probs, labels)
+    return out
