@@ -85,7 +85,7 @@ class FederationConfig(_Section):
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_train_sites: int = Field(1, ge=1)
-    client_cpus: float = Field(1.0, gt=0)
+    client_cpus: int = Field(1, ge=1)
     round_timeout_s: float = Field(3600.0, gt=0)
 
 

@@ -55,8 +55,8 @@ def federation_config(config: ExperimentConfig) -> str:
     cpus = max(1, os.cpu_count() or 1)
     return (
         f"num-supernodes={config.data.num_sites} "
-        f"backend.client-resources.num-cpus={config.federation.client_cpus} "
-        f"backend.init-args.num-cpus={cpus}"
+        f"client-resources-num-cpus={config.federation.client_cpus} "
+        f"init-args-num-cpus={cpus}"
     )
 
 

@@ -64,7 +64,7 @@ def render_images(labels: np.ndarray, size: int, rng: np.random.Generator) -> np
     side = rng.integers(0, 2, size=(n, slots)) * 2 - 1
     rho, theta = np.sqrt(u(0.0, 1.0, slots)) * 0.75, u(0.0, 2 * np.pi, slots)
     sigma = np.concatenate([u(0.09, 0.15, max_lesions), u(0.03, 0.05, _VESSELS)], axis=1)
-    amp = np.concatenate([u(0.14, 0.45, max_lesions), u(0.05, 0.15, _VESSELS)], axis=1)
+    amp = np.concatenate([u(0.25, 0.5, max_lesions), u(0.05, 0.15, _VESSELS)], axis=1)
     active = np.concatenate([np.arange(max_lesions)[None, :] < labels[:, None], np.ones((n, _VESSELS), bool)], axis=1)
     noise_std = u(0.015, 0.035)
 
