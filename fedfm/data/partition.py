@@ -39,6 +39,25 @@ def _allocate(n_c: int, props: np.ndarray) -> np.ndarray:
     return counts
 
 
+def dirichlet_proportions(num_classes: int, num_sites: int, alpha: float, seed: int) -> np.ndarray:
+    """(K, S) class-to-site proportions ~ Dirichlet(alpha), from ``seed`` alone.
+
+    Draws are repeated (at most ``MAX_DIRICHLET_TRIES`` times) until every site's mean share
+    of the classes is at least a quarter of an even share, so no site is left nearly empty.
+    The criterion does not depend on a split's size, so train, val and test get the same
+    proportions and every site keeps one label mix across its splits.
+    """
+    rng = np.random.default_rng([seed])
+    for _ in range(MAX_DIRICHLET_TRIES):
+        props = rng.dirichlet(np.full(num_sites, alpha), size=num_classes)
+        if props.mean(axis=0).min() >= 0.25 / num_sites:
+            return props
+    raise DataError(
+        f"data.alpha={alpha} left a site nearly empty in {MAX_DIRICHLET_TRIES} draws for "
+        f"data.num_sites={num_sites}: raise data.alpha or lower data.num_sites"
+    )
+
+
 def dirichlet_partition(
     labels: np.ndarray,
     num_sites: int,
@@ -50,9 +69,9 @@ def dirichlet_partition(
 ) -> list[np.ndarray]:
     """Label-skewed split: each class is shared across sites by proportions ~ Dirichlet(alpha).
 
-    The proportions are drawn from ``seed`` alone (re-drawn, at most ``MAX_DIRICHLET_TRIES``
-    times, until every site gets ``min_size`` examples), so a site keeps the same label mix in
-    every split partitioned with another ``salt``; which examples go where depends on ``salt``.
+    The proportions come from :func:`dirichlet_proportions` (``seed`` alone), so a site keeps
+    the same label mix in every split partitioned with another ``salt``; which examples go
+    where depends on ``salt``.
     """
     labels = np.asarray(labels).astype(np.int64).ravel()
     k = max(int(num_classes or 1), int(labels.max()) + 1 if labels.size else 1)
@@ -62,16 +81,12 @@ def dirichlet_partition(
             f"partition but there are {labels.size}: lower data.num_sites or use more data"
         )
     class_sizes = np.bincount(labels, minlength=k)
-    draw_rng = np.random.default_rng([seed])
-    for _ in range(MAX_DIRICHLET_TRIES):
-        props = draw_rng.dirichlet(np.full(num_sites, alpha), size=k)  # (K, S)
-        counts = np.stack([_allocate(int(class_sizes[c]), props[c]) for c in range(k)])
-        if counts.sum(axis=0).min() >= min_size:
-            break
-    else:
+    props = dirichlet_proportions(k, num_sites, alpha, seed)
+    counts = np.stack([_allocate(int(class_sizes[c]), props[c]) for c in range(k)])
+    if counts.sum(axis=0).min() < min_size:
         raise DataError(
-            f"data.alpha={alpha} left some of the data.num_sites={num_sites} sites with fewer than {min_size} "
-            f"examples in {MAX_DIRICHLET_TRIES} draws: raise data.alpha or lower data.num_sites"
+            f"data.alpha={alpha} leaves a site with fewer than {min_size} of the {labels.size} examples of a "
+            f"split across data.num_sites={num_sites}: raise data.alpha, lower data.num_sites or change data.seed"
         )
     assign_rng = np.random.default_rng([seed, salt])
     parts: list[list[np.ndarray]] = [[] for _ in range(num_sites)]
