@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -50,7 +50,7 @@ class AdapterFedAvg(FedAvg):
                 self._refused[node] = msg.error.reason or f"error code {msg.error.code}"
                 log.warning("round %d: %s did not train: %s", server_round, node, self._refused[node])
                 continue
-            problem = self.reply_problem(msg)
+            problem = self.reply_problem(msg.content)
             if problem:
                 self._refused[node] = f"rejected: {problem}"
                 log.warning("round %d: reply of %s rejected: %s", server_round, node, problem)
@@ -62,10 +62,10 @@ class AdapterFedAvg(FedAvg):
             self.recorder.record_transfer(kept[0].content["arrays"].count_bytes(), len(kept))
         return super().aggregate_train(server_round, kept)
 
-    def reply_problem(self, msg: Message) -> str | None:
-        """Why a train reply cannot be averaged, or None when it can."""
-        arrays = [v for v in msg.content.values() if isinstance(v, ArrayRecord)]
-        if len(arrays) != 1 or "metrics" not in msg.content:
+    def reply_problem(self, content: RecordDict) -> str | None:
+        """Why the content of a train reply cannot be averaged, or None when it can."""
+        arrays = [v for v in content.values() if isinstance(v, ArrayRecord)]
+        if len(arrays) != 1 or "metrics" not in content:
             return "a train reply needs one ArrayRecord and one MetricRecord"
         keys = list(arrays[0].keys())
         if keys != self.adapter_keys:

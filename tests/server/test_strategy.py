@@ -1,0 +1,74 @@
+"""The adapter-only FedAvg accepts exactly the adapter it sent, finite, and averages by examples."""
+
+import numpy as np
+import pytest
+import torch
+from types import SimpleNamespace
+
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from fedfm.config import load_config
+from fedfm.global_model import build_global_model
+from fedfm.models import adapter_state_dict, full_model_bytes
+from fedfm.results import RunRecorder
+from server.strategy import AdapterFedAvg
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    config = load_config(None, ["data.num_sites=2", "data.samples_per_site=60", "data.image_size=16"])
+    model = build_global_model(config)
+    recorder = RunRecorder(config, tmp_path_factory.mktemp("run"), model, full_model_bytes(model))
+    adapter = adapter_state_dict(model)
+    return AdapterFedAvg(recorder, adapter_keys=list(adapter)), adapter
+
+
+def _content(adapter, site_id, n):
+    metrics = MetricRecord({"num-examples": n, "site-id": site_id, "train-loss": 0.5, "epsilon": 1.0})
+    return RecordDict({"arrays": ArrayRecord(adapter), "metrics": metrics})
+
+
+class _Reply:
+    """The part of a Flower reply Message the strategy reads (a real Message needs a live run)."""
+
+    def __init__(self, content, node_id):
+        self.content = content
+        self.metadata = SimpleNamespace(src_node_id=node_id)
+
+    def has_error(self):
+        return False
+
+
+def test_well_formed_reply_passes(setup):
+    strategy, adapter = setup
+    assert strategy.reply_problem(_content(adapter, 0, 10)) is None
+
+
+def test_non_finite_weights_are_rejected_naming_the_tensor(setup):
+    strategy, adapter = setup
+    bad = {k: v.clone() for k, v in adapter.items()}
+    key = next(iter(bad))
+    bad[key].view(-1)[0] = float("nan")
+    assert f"tensor '{key}' is not finite" in strategy.reply_problem(_content(bad, 0, 10))
+
+
+def test_extra_or_missing_keys_are_rejected(setup):
+    strategy, adapter = setup
+    extra = dict(adapter, **{"base_model.model.something.weight": torch.zeros(2)})
+    assert "unexpected ['base_model.model.something.weight']" in strategy.reply_problem(_content(extra, 0, 10))
+    missing = dict(list(adapter.items())[1:])
+    assert "missing" in strategy.reply_problem(_content(missing, 0, 10))
+
+
+def test_aggregation_is_weighted_by_examples_and_drops_bad_replies(setup):
+    strategy, adapter = setup
+    ones = {k: torch.ones_like(v) for k, v in adapter.items()}
+    threes = {k: 3 * torch.ones_like(v) for k, v in adapter.items()}
+    poisoned = {k: torch.full_like(v, float("inf")) for k, v in adapter.items()}
+    replies = [_Reply(_content(t, i, n), i) for i, (t, n) in enumerate([(ones, 30), (threes, 10), (poisoned, 1000)])]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    averaged = arrays.to_torch_state_dict()
+    for key in adapter:
+        assert np.allclose(averaged[key].numpy(), 1.5)  # (30 * 1 + 10 * 3) / 40
+    assert sorted(strategy._train) == ["site-0", "site-1"]
+    assert any("not finite" in reason for reason in strategy._refused.values())
