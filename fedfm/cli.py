@@ -1,4 +1,4 @@
-"""The ``fedfm`` command line: ``fedfm simulate [CONFIG] [--set k=v ...] [--out DIR]``."""
+"""The ``fedfm`` command line: ``fedfm simulate [CONFIG] [--set k=v ...] [--out DIR]``, ``fedfm audit RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override one config value, e.g. --set federation.rounds=5 (repeatable)")
     sim.add_argument("--out", default=None, help="run folder (default: runs/<output.name>-<timestamp>)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's full log, not only progress")
+    audit = sub.add_parser("audit", help="verify site ledgers and recompute every epsilon independently")
+    audit.add_argument("run_dir", help="a run folder (with ledger/) or a folder of <site>.jsonl ledgers")
+    audit.add_argument("--out", default=None, help="where to write audit.json and audit.md (default: run_dir)")
     check = sub.add_parser("config", help="validate a config and print it resolved")
     check.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -35,6 +38,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     run_dir = run_simulation(config, args.out, verbose=args.verbose)
     print_summary(run_dir)
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fedfm.privacy.audit import audit_run, write_audit
+
+    audits = audit_run(args.run_dir)
+    json_path, md_path = write_audit(audits, args.out or args.run_dir)
+    for a in audits:
+        eps = ", ".join(f"{k} {v:.4f}" for k, v in a.epsilons.items())
+        print(f"{a.site}: {'PASS' if a.passed else 'FAIL'}  reported {a.reported_epsilon}  {eps}")
+        for problem in a.problems:
+            print(f"  - {problem}")
+    print(f"wrote {json_path} and {md_path}")
+    return 0 if all(a.passed for a in audits) else 1
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -67,13 +84,13 @@ def _fmt(value, width: int = 7, digits: int = 4) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"simulate": cmd_simulate, "config": cmd_config}
+    handlers = {"simulate": cmd_simulate, "audit": cmd_audit, "config": cmd_config}
     try:
         return handlers[args.command](args)
     except ConfigError as err:
         print(f"fedfm: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
+    except (RuntimeError, FileNotFoundError) as err:
         print(f"fedfm: {err}", file=sys.stderr)
         return 1
 

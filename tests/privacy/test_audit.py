@@ -1,0 +1,72 @@
+"""`fedfm audit`: recomputation with two libraries, tamper and budget detection."""
+
+import json
+
+import pytest
+
+from fedfm.cli import main
+from fedfm.privacy.accountant import SiteAccountant, StepBatch
+from fedfm.privacy.audit import audit_run, dp_accounting_epsilons
+from fedfm.privacy.ledger import SiteLedger
+
+
+def _write_ledger(folder, site, rounds, mechanism="prv", budget=8.0, delta=1e-5):
+    ledger = SiteLedger(folder, site)
+    accountant = SiteAccountant(mechanism)
+    for number, batch in enumerate(rounds, start=1):
+        accountant.add(batch)
+        ledger.append({
+            "round": number, "steps": batch.steps, "noise_multiplier": batch.noise_multiplier,
+            "sample_rate": batch.sample_rate, "sampling": "poisson", "max_grad_norm": 1.0, "delta": delta,
+            "accountant": mechanism, "epsilon": accountant.epsilon(delta), "budget_epsilon": budget,
+        })
+    return ledger
+
+
+def test_dp_accounting_matches_privacy_md_reference():
+    entries = [{"noise_multiplier": 1.1, "sample_rate": 256 / 60000, "steps": 14062}]
+    eps = dp_accounting_epsilons(entries, 1e-5)
+    assert eps["dp_accounting_pld"] == pytest.approx(2.381686, abs=1e-5)
+    assert eps["dp_accounting_rdp"] == pytest.approx(2.596556, abs=1e-5)
+
+
+@pytest.mark.parametrize("mechanism", ["prv", "rdp"])
+def test_honest_ledgers_pass_and_reports_are_written(tmp_path, mechanism):
+    _write_ledger(tmp_path / "ledger", "site-0", [StepBatch(1.0, 0.016, 62)] * 4, mechanism)
+    _write_ledger(tmp_path / "ledger", "site-1", [StepBatch(1.2, 1 / 75, 75)] * 3, mechanism)
+    audits = audit_run(tmp_path)
+    assert [a.site for a in audits] == ["site-0", "site-1"] and all(a.passed for a in audits), audits
+    assert main(["audit", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "audit.json").read_text())
+    assert report["passed"] and set(report["sites"][0]["epsilons"]) == {
+        "opacus_rdp", "opacus_prv", "dp_accounting_rdp", "dp_accounting_pld"}
+    text = (tmp_path / "audit.md").read_text()
+    assert "adding or removing one training image" in text and "Not covered" in text
+
+
+def test_tampered_ledger_fails_naming_site_and_entry(tmp_path, capsys):
+    ledger = _write_ledger(tmp_path, "site-3", [StepBatch(1.0, 0.02, 50)] * 3)
+    lines = ledger.path.read_text().splitlines()
+    entry = json.loads(lines[1])
+    entry["noise_multiplier"] = 5.0  # claim more noise than was used
+    lines[1] = json.dumps(entry)
+    ledger.path.write_text("\n".join(lines) + "\n")
+    assert main(["audit", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "site-3: FAIL" in out and "entry 2 was modified" in out
+
+
+def test_understated_epsilon_fails_even_with_a_valid_chain(tmp_path):
+    ledger = SiteLedger(tmp_path, "site-0")
+    ledger.append({"round": 1, "steps": 100, "noise_multiplier": 0.8, "sample_rate": 0.05, "sampling": "poisson",
+                   "max_grad_norm": 1.0, "delta": 1e-5, "accountant": "prv", "epsilon": 0.5, "budget_epsilon": 8.0})
+    (audit,) = audit_run(tmp_path)
+    assert not audit.passed
+    assert any("reported epsilon 0.500000 but its history gives" in p for p in audit.problems)
+    assert any("below the independent PLD value" in p for p in audit.problems)
+
+
+def test_budget_exceeded_is_reported(tmp_path):
+    _write_ledger(tmp_path, "site-0", [StepBatch(0.7, 0.05, 200)] * 2, budget=1.0)
+    (audit,) = audit_run(tmp_path)
+    assert any("exceeds the budget 1.0" in p for p in audit.problems)
