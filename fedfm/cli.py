@@ -75,7 +75,8 @@ def print_summary(run_dir: Path) -> None:
         f"\nupdate {comm['update_bytes'] / 1e6:.3f} MB vs full model {comm['full_model_bytes'] / 1e6:.2f} MB "
         f"({100 * (comm['update_to_full_ratio'] or 0):.2f} %), {comm['total_bytes_moved'] / 1e6:.1f} MB moved"
     )
-    print(f"results: {run_dir / 'results.json'}  adapter: {run_dir / 'adapter'}  ledgers: {run_dir / 'ledger'}")
+    ledgers = f"  ledgers: {run_dir / 'ledger'}" if (run_dir / "ledger").is_dir() else ""
+    print(f"results: {run_dir / 'results.json'}  adapter: {run_dir / 'adapter'}{ledgers}")
 
 
 def _fmt(value, width: int = 7, digits: int = 4) -> str:
