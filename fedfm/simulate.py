@@ -72,6 +72,9 @@ def flwr_command(config: ExperimentConfig, run_config: Path) -> list[str]:
 
 def simulation_env(config: ExperimentConfig) -> dict[str, str]:
     env = dict(os.environ)
+    # flwr starts `flower-superlink` by name: make this environment's scripts findable even
+    # when it is not activated (e.g. `.venv/bin/fedfm simulate`).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     env["OMP_NUM_THREADS"] = str(config.train.threads)
     env["MKL_NUM_THREADS"] = str(config.train.threads)
