@@ -22,7 +22,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 
-installed=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+installed=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null)
 echo "torch==${installed}" > .venv/constraints.txt
 .venv/bin/pip install -q -c .venv/constraints.txt -e ".[dev]"
 echo "fedfm installed in .venv (torch ${installed}); run: .venv/bin/fedfm simulate"
