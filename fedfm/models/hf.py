@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedfm.config import ConfigError, ModelConfig
@@ -30,13 +31,17 @@ HF_LORA_TARGETS = (
 class HFClassifier(nn.Module):
     """HF encoder -> first (CLS) token of the last hidden state, or the pooled output -> linear head."""
 
-    def __init__(self, net: nn.Module, inputs: ImageInput, feature_dim: int, num_classes: int) -> None:
+    def __init__(self, net: nn.Module, inputs: ImageInput, feature_dim: int, num_classes: int, image_size: int) -> None:
         super().__init__()
+        self.image_size = image_size
         self.inputs = inputs
         self.net = net
         self.classifier = nn.Linear(feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            # pretrained position embeddings fit the model's own input size: resize to it
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         out = self.net(pixel_values=self.inputs(x))
         hidden = out.last_hidden_state
         features = hidden[:, 0] if hidden.dim() == 3 else out.pooler_output.flatten(1)
@@ -124,7 +129,10 @@ def feature_dim(config: Any) -> int:
 
 @register_backbone(HF_PREFIX)
 def build_hf(model_cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> Backbone:
-    """Load ``hf:<ref>`` and put a new linear head on its CLS/pooled features (``image_size`` is not used)."""
+    """Load ``hf:<ref>`` and put a new linear head on its CLS/pooled features.
+
+    Inputs of another size than the model's own (``data.image_size``) are resized inside the model.
+    """
     ref = model_cfg.backbone[len(HF_PREFIX):]
     if not ref:
         raise ConfigError(f"model.backbone='{HF_PREFIX}' needs a hub id or folder after '{HF_PREFIX}'")
@@ -134,7 +142,7 @@ def build_hf(model_cfg: ModelConfig, num_classes: int, in_channels: int, image_s
     size, mean, std = input_spec(net.config, read_preprocessor(ref, local_only))
     inputs = ImageInput(in_channels, getattr(net.config, "num_channels", 3), mean, std)
     return Backbone(
-        model=HFClassifier(net, inputs, feature_dim(net.config), num_classes),
+        model=HFClassifier(net, inputs, feature_dim(net.config), num_classes, size),
         name=f"{HF_PREFIX}{ref}",
         image_size=size,
         lora_targets=HF_LORA_TARGETS,

@@ -66,3 +66,18 @@ def test_missing_folder_is_a_clear_one_line_error(tmp_path):
         build_backbone(ModelConfig(backbone=f"hf:{tmp_path / 'empty'}"), 2, 1, 32)
     with pytest.raises(ConfigError, match="model.weights_path"):
         build_backbone(ModelConfig(backbone=f"hf:{tmp_path}", weights_path="x.pt"), 2, 1, 32)
+
+
+def test_hf_backbone_takes_data_of_another_size(tmp_path):
+    """data.image_size need not equal the HF model's input size: the model resizes its input."""
+    from transformers import ViTConfig, ViTModel
+
+    from fedfm.config import ModelConfig
+    from fedfm.models.registry import build_backbone
+
+    folder = tmp_path / "vit"
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)).save_pretrained(folder)
+    backbone = build_backbone(ModelConfig(backbone=f"hf:{folder}"), num_classes=3, in_channels=1, image_size=16)
+    assert backbone.image_size == 32
+    assert backbone.model(torch.rand(2, 1, 16, 16)).shape == (2, 3)
