@@ -6,9 +6,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedfm.appconfig import apply_node_config, experiment_from_run_config, ledger_dir, site_id_from_node_config
-from fedfm.site import BudgetExhausted, Site
-
-BUDGET_REFUSED = 4001  # error code a site sends when training would exceed its privacy budget
+from fedfm.site import BUDGET_REFUSED, BudgetExhausted, Site
 
 app = ClientApp()
 

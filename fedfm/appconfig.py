@@ -46,7 +46,9 @@ def apply_node_config(config: ExperimentConfig, node_config: Mapping[str, Any]) 
     if node_config.get("data-path"):
         raw["data"]["path"] = str(node_config["data-path"])
     if node_config.get("budget-epsilon"):
+        # the hospital's own budget overrides anything the coordinator's config says for it
         raw["privacy"]["budget"]["epsilon"] = float(node_config["budget-epsilon"])
+        raw["privacy"]["budget"]["sites"] = {}
     return validate_config(raw)
 
 

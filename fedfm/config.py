@@ -67,6 +67,18 @@ class LoraConfig(_Section):
 
 class BudgetConfig(_Section):
     epsilon: float = Field(8.0, gt=0)
+    sites: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_sites(self) -> "BudgetConfig":
+        for name, value in self.sites.items():
+            if value <= 0:
+                raise ValueError(f"privacy.budget.sites.{name}={value}: a budget must be a positive epsilon")
+        return self
+
+    def for_site(self, name: str) -> float:
+        """The site's own budget, or the shared one."""
+        return float(self.sites.get(name, self.epsilon))
 
 
 class PrivacyConfig(_Section):

@@ -42,6 +42,7 @@ class RunRecorder:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     site_train: dict[str, dict[str, float]] = field(default_factory=dict)
     bytes_moved: int = 0
+    stopped: str | None = None  # why training ended before the planned rounds, if it did
     started: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -92,6 +93,7 @@ class RunRecorder:
     def write_results(self, status: str, evaluations: dict[str, SiteEvaluation] | None = None) -> dict[str, Any]:
         results = {
             "status": status,
+            "stopped_early": self.stopped,
             "config": self.config.model_dump(),
             "rounds": self.rounds,
             "sites": self._sites(evaluations or {}),

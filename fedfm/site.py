@@ -26,6 +26,9 @@ from fedfm.privacy.ledger import SiteLedger
 from fedfm.training.local import plan_steps, predict_probs, train_round
 
 
+BUDGET_REFUSED = 4001  # error code of a reply that refuses a round for the privacy budget
+
+
 class BudgetExhausted(RuntimeError):
     """The site refuses a round because it would take its epsilon above its budget."""
 
@@ -76,7 +79,7 @@ class Site:
         privacy = self.config.privacy
         if privacy.noise_multiplier is not None:
             return privacy.noise_multiplier
-        target = privacy.target_epsilon or privacy.budget.epsilon
+        target = privacy.target_epsilon or self.budget
         total_steps = steps_per_round * self.config.federation.rounds
         return _calibrated_noise(target, privacy.delta, sample_rate, total_steps, privacy.accountant)
 
@@ -113,14 +116,19 @@ class Site:
         }
         return TrainReply(adapter_state_dict(model), metrics)
 
+    @property
+    def budget(self) -> float:
+        """This site's epsilon budget (its own entry in privacy.budget.sites, or the shared one)."""
+        return self.config.privacy.budget.for_site(self.name)
+
     def _check_budget(self, accountant: SiteAccountant, batch: StepBatch) -> None:
         privacy = self.config.privacy
         projected = accountant.epsilon_after(batch, privacy.delta)
-        if projected > privacy.budget.epsilon:
+        if projected > self.budget:
             spent = accountant.epsilon(privacy.delta)
             raise BudgetExhausted(
                 f"{self.name} refuses the round: epsilon would reach {projected:.3f} > budget "
-                f"{privacy.budget.epsilon} (spent so far {spent:.3f} at delta {privacy.delta})"
+                f"{self.budget} (spent so far {spent:.3f} at delta {privacy.delta})"
             )
 
     def _record(self, server_round: int, steps: int, sigma: float, q: float, epsilon: float) -> None:
@@ -136,7 +144,7 @@ class Site:
             "accountant": privacy.accountant,
             "accountant_library": f"opacus {opacus.__version__}",
             "epsilon": epsilon,
-            "budget_epsilon": privacy.budget.epsilon,
+            "budget_epsilon": self.budget,
             "n_train": len(self.data.train),
             "time": time.time(),
         })

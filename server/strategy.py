@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedfm.results import RunRecorder
-from fedfm.site import site_name
+from fedfm.site import BUDGET_REFUSED, site_name
 
 log = logging.getLogger("fedfm")
 
@@ -30,13 +30,22 @@ class AdapterFedAvg(FedAvg):
         self.adapter_keys = list(adapter_keys)
         self._train: dict[str, dict[str, float]] = {}
         self._refused: dict[str, str] = {}
+        self.out_of_budget: set[int] = set()  # nodes that refused a round for their privacy budget
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        nodes = set(grid.get_node_ids())
+        if nodes and nodes <= self.out_of_budget:
+            if self.recorder.stopped is None:
+                self.recorder.stopped = f"round {server_round}: every site has spent its privacy budget"
+                log.warning("%s; no further training", self.recorder.stopped)
+            return []
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.recorder.record_transfer(arrays.count_bytes(), len(messages))
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.recorder.stopped is not None:
+            return []
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self.recorder.record_transfer(arrays.count_bytes(), len(messages))
         return messages
@@ -47,6 +56,8 @@ class AdapterFedAvg(FedAvg):
         for msg in replies:
             node = f"node {msg.metadata.src_node_id}"
             if msg.has_error():
+                if msg.error.code == BUDGET_REFUSED:
+                    self.out_of_budget.add(msg.metadata.src_node_id)
                 self._refused[node] = msg.error.reason or f"error code {msg.error.code}"
                 log.warning("round %d: %s did not train: %s", server_round, node, self._refused[node])
                 continue
@@ -80,6 +91,8 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
+        if self.recorder.stopped is not None and not self._train:
+            return None
         evaluation = {
             site_name(int(msg.content["metrics"]["site-id"])): dict(msg.content["metrics"])
             for msg in replies

@@ -10,9 +10,12 @@ from safetensors.torch import load_file
 
 from fedfm.cli import main
 from fedfm.config import load_config
+from fedfm.data import load_site
+from fedfm.privacy.accountant import SiteAccountant, StepBatch
 from fedfm.models.registry import build_backbone
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.simulate import local_superlink_pids
+from fedfm.training.local import plan_steps
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -76,3 +79,24 @@ def test_pneumoniamnist_federated_dp_run(tmp_path):
     assert sum(s["n_train"] for s in results["sites"].values()) == 4708
     assert all(s["epsilon"] <= 8.0 for s in results["sites"].values())
     assert results["pooled"]["auroc"] > 0.8
+
+
+def test_sites_enforce_their_own_budgets_and_the_run_ends_cleanly(tmp_path):
+    overrides = ["data.num_sites=2", "federation.rounds=4", "data.samples_per_site=120", "data.image_size=16",
+                 "privacy.noise_multiplier=1.0", "privacy.accountant=rdp"]
+    config = load_config(REPO / "configs" / "quickstart.yaml", overrides)
+    n_train = load_site(config.data, 0).train.labels.size
+    plan = plan_steps(n_train, config.train.batch_size, config.train.local_epochs)
+    eps = [SiteAccountant("rdp", [StepBatch(1.0, plan.sample_rate, plan.steps * k)]).epsilon(1e-5) for k in (1, 2, 3)]
+    budgets = {"site-0": (eps[1] + eps[2]) / 2, "site-1": (eps[0] + eps[1]) / 2}  # 2 rounds and 1 round
+    budget_set = "privacy.budget.sites={" + ", ".join(f"{k}: {v}" for k, v in budgets.items()) + "}"
+    out, results = _run(tmp_path, REPO / "configs" / "quickstart.yaml", *overrides, budget_set)
+    assert results["status"] == "complete"
+    assert [r["participants"] for r in results["rounds"]] == [["site-0", "site-1"], ["site-0"], []]
+    assert any("site-1 refuses the round" in reason for reason in results["rounds"][1]["refused"].values())
+    assert len(results["rounds"][2]["refused"]) == 2
+    assert results["stopped_early"].startswith("round 4: every site has spent its privacy budget")
+    for name, budget in budgets.items():
+        entries = SiteLedger(out / "ledger", name).verify()
+        assert all(e["epsilon"] <= budget == e["budget_epsilon"] for e in entries)
+    assert results["sites"]["site-0"]["rounds_trained"] == 2 and results["sites"]["site-1"]["rounds_trained"] == 1

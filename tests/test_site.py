@@ -118,3 +118,14 @@ def test_model_cache_returns_independent_copies():
     with torch.no_grad():
         dict(a.named_parameters())[key].add_(1.0)
     assert not torch.equal(dict(a.named_parameters())[key], dict(b.named_parameters())[key])
+
+
+def test_a_site_budget_overrides_the_shared_one_and_drives_calibration(tmp_path):
+    config = load_config(None, [f for f in FAST if "noise_multiplier" not in f] + ["privacy.budget.sites={site-1: 2.0}"])
+    site = Site(config, 1, tmp_path)
+    assert site.budget == 2.0 and Site(config, 0, tmp_path).budget == 8.0
+    adapter = _global(config)
+    for server_round in (1, 2, 3):
+        adapter = site.train(adapter, server_round).adapter
+    entries = site.ledger.verify()
+    assert entries[-1]["epsilon"] <= 2.0 and entries[-1]["budget_epsilon"] == 2.0
