@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="verify site ledgers and recompute every epsilon independently")
     audit.add_argument("run_dir", help="a run folder (with ledger/) or a folder of <site>.jsonl ledgers")
     audit.add_argument("--out", default=None, help="where to write audit.json and audit.md (default: run_dir)")
+    audit.add_argument("--canaries", type=int, default=0, metavar="M",
+                       help="also replay each site's training with M gradient canaries for an empirical lower bound")
+    audit.add_argument("--seed", type=int, default=0, help="seed of the canaries")
     check = sub.add_parser("config", help="validate a config and print it resolved")
     check.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -43,11 +46,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from fedfm.privacy.audit import audit_run, write_audit
 
-    audits = audit_run(args.run_dir)
+    audits = audit_run(args.run_dir, canaries=args.canaries, seed=args.seed)
     json_path, md_path = write_audit(audits, args.out or args.run_dir)
     for a in audits:
         eps = ", ".join(f"{k} {v:.4f}" for k, v in a.epsilons.items())
         print(f"{a.site}: {'PASS' if a.passed else 'FAIL'}  reported {a.reported_epsilon}  {eps}")
+        if a.empirical:
+            r = a.empirical["result"]
+            print(f"  empirical: {r['correct']}/{r['guesses']} guesses right, epsilon >= {r['epsilon_lower_bound']:.3f}")
         for problem in a.problems:
             print(f"  - {problem}")
     print(f"wrote {json_path} and {md_path}")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -65,8 +67,13 @@ def train_round(
     accountant: SiteAccountant | None,
     noise_multiplier: float,
     seed: int,
+    on_private_optimizer: Callable[[DPOptimizer, float], None] | None = None,
 ) -> RoundOutcome:
-    """Train ``model``'s trainable parameters in place for one round of local steps."""
+    """Train ``model``'s trainable parameters in place for one round of local steps.
+
+    ``on_private_optimizer(optimizer, sample_rate)`` is called once the DP optimizer exists
+    (the empirical audit uses it to plant gradient canaries).
+    """
     plan = plan_steps(len(split), train_cfg.batch_size, train_cfg.local_epochs)
     torch.manual_seed(seed)  # drives Poisson sampling, DP noise and dropout of this round
     loader = DataLoader(split_dataset(split), batch_size=train_cfg.batch_size, shuffle=True)
@@ -87,6 +94,8 @@ def train_round(
             max_grad_norm=privacy_cfg.max_grad_norm,
             poisson_sampling=True,
         )
+    if on_private_optimizer is not None:
+        on_private_optimizer(private_opt, private_loader.sample_rate)
     start = accountant.total_steps
     try:
         with BatchMemoryManager(
