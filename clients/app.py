@@ -39,6 +39,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         **{k: float(v) for k, v in reply.metrics.items() if k != "n"},
         "num-examples": int(reply.metrics.get("n", 0)),
         "site-id": site.site_id,
+        "client-weight": 1,  # equal weights, as client-level DP averages sites
         "n-train": sizes["n_train"], "n-val": sizes["n_val"], "n-test": sizes["n_test"],
     }
     if msg.content["config"].get("return-predictions", False):

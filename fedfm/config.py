@@ -81,8 +81,15 @@ class BudgetConfig(_Section):
         return float(self.sites.get(name, self.epsilon))
 
 
+class ClientDPConfig(_Section):
+    noise_multiplier: float = Field(1.0, gt=0)
+    clipping_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-3, gt=0, lt=1)
+
+
 class PrivacyConfig(_Section):
     enabled: bool = True
+    level: Literal["sample", "client", "both"] = "sample"
     noise_multiplier: float | None = Field(None, ge=0)
     target_epsilon: float | None = Field(None, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -90,6 +97,17 @@ class PrivacyConfig(_Section):
     accountant: Literal["prv", "rdp"] = "prv"
     secure_mode: bool = False
     budget: BudgetConfig = BudgetConfig()
+    client: ClientDPConfig = ClientDPConfig()
+
+    @property
+    def sample_level(self) -> bool:
+        """DP-SGD at each site protects each image."""
+        return self.enabled and self.level in ("sample", "both")
+
+    @property
+    def client_level(self) -> bool:
+        """The server clips each site's update and noises the average: protects each site."""
+        return self.enabled and self.level in ("client", "both")
 
 
 class FederationConfig(_Section):

@@ -43,6 +43,7 @@ class RunRecorder:
     site_train: dict[str, dict[str, float]] = field(default_factory=dict)
     bytes_moved: int = 0
     stopped: str | None = None  # why training ended before the planned rounds, if it did
+    client_level: dict[str, Any] | None = None  # client-level DP guarantee so far (level client/both)
     started: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -69,6 +70,7 @@ class RunRecorder:
             "train": train,
             "train_loss": _weighted(train, "train-loss"),
             "max_epsilon": max((m.get("epsilon", 0.0) for m in train.values()), default=0.0),
+            "client_epsilon": (self.client_level or {}).get("epsilon"),
             "val": evaluation,
             "val_auroc": _weighted(evaluation, "auroc"),
             "elapsed_s": round(time.time() - self.started, 2),
@@ -98,6 +100,7 @@ class RunRecorder:
             "rounds": self.rounds,
             "sites": self._sites(evaluations or {}),
             "pooled": _pooled(evaluations or {}),
+            "client_level": self.client_level,
             "communication": self._communication(),
             "wall_time_s": round(time.time() - self.started, 2),
         }

@@ -88,7 +88,7 @@ class Site:
         torch.set_num_threads(cfg.train.threads)
         plan = plan_steps(len(self.data.train), cfg.train.batch_size, cfg.train.local_epochs)
         accountant = sigma = None
-        if cfg.privacy.enabled:
+        if cfg.privacy.sample_level:
             accountant = self.ledger.accountant(cfg.privacy.accountant)
             sigma = self.noise_multiplier(plan.sample_rate, plan.steps)
             self._check_budget(accountant, StepBatch(sigma, plan.sample_rate, plan.steps))
@@ -109,7 +109,8 @@ class Site:
             "train-loss": outcome.mean_loss,
             "steps": outcome.steps,
             "epsilon": epsilon,
-            "delta": cfg.privacy.delta if cfg.privacy.enabled else 0.0,
+            "delta": cfg.privacy.delta if cfg.privacy.sample_level else 0.0,
+            "client-weight": 1,  # client-level DP averages sites with equal weights
             "noise-multiplier": outcome.noise_multiplier,
             "sample-rate": outcome.sample_rate,
             "train-seconds": seconds,

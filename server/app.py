@@ -13,7 +13,7 @@ from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict, full_model_bytes
 from fedfm.results import RunRecorder, SiteEvaluation
 from fedfm.site import site_name
-from server.strategy import AdapterFedAvg
+from server.strategy import build_strategy
 
 app = ServerApp()
 
@@ -26,15 +26,7 @@ def main(grid: Grid, context: Context) -> None:
     initial = adapter_state_dict(model)
     recorder = RunRecorder(config, run_dir, model, full_model_bytes(model))
     fed = config.federation
-    strategy = AdapterFedAvg(
-        recorder,
-        adapter_keys=list(initial),
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=fed.fraction_evaluate if config.eval.every_round else 0.0,
-        min_train_nodes=fed.min_train_sites,
-        min_evaluate_nodes=1,
-        min_available_nodes=config.data.num_sites,
-    )
+    strategy = build_strategy(config, recorder, list(initial))
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         if server_round > 0 and config.output.checkpoint_every_round:

@@ -1,4 +1,9 @@
-"""FedAvg over adapter weights only, with per-site bookkeeping and reply checks."""
+"""FedAvg over adapter weights only, with per-site bookkeeping and reply checks.
+
+Two strategies share one bookkeeping mixin: :class:`AdapterFedAvg` (sample-level DP or none)
+and :class:`ClientDPFedAvg`, Flower's server-side fixed-clipping DP wrapper with its RDP
+accountant (client-level DP: each hospital's whole contribution is protected).
+"""
 
 from __future__ import annotations
 
@@ -7,25 +12,36 @@ from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp import Grid, PrivacyConfig, RdpAccountant
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
+# flwr.serverapp exports PrivacyConfig but not the two enums it takes (flwr 1.42).
+from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
+
+from fedfm.config import ExperimentConfig
+from fedfm.privacy.audit import DP_ACCOUNTING_RDP
+from fedfm.privacy.ledger import SiteLedger
 from fedfm.results import RunRecorder
 from fedfm.site import BUDGET_REFUSED, site_name
 
 log = logging.getLogger("fedfm")
 
+CLIENT_LEDGER = "client-level"
 
-class AdapterFedAvg(FedAvg):
-    """FedAvg whose replies must carry exactly the adapter keys it sent, all finite.
 
-    A reply that fails the checks is dropped for that round (named in the log and in
-    results.json); a site that refuses a round (privacy budget) replies with an error,
-    which is recorded as a refusal. Per-site metrics are kept, not only their average.
+class Bookkeeping:
+    """Reply checks, refusals, per-site metrics and byte counts for any FedAvg-shaped strategy.
+
+    A train reply must carry exactly the adapter keys the server sent, all finite; one that
+    does not is dropped for that round (named in the log and in results.json). A site that
+    refuses a round for its privacy budget replies with an error, recorded as a refusal;
+    when every site has refused, training stops cleanly.
     """
 
-    def __init__(self, recorder: RunRecorder, adapter_keys: list[str], **kwargs):
-        super().__init__(**kwargs)
+    recorder: RunRecorder
+    adapter_keys: list[str]
+
+    def init_bookkeeping(self, recorder: RunRecorder, adapter_keys: list[str]) -> None:
         self.recorder = recorder
         self.adapter_keys = list(adapter_keys)
         self._train: dict[str, dict[str, float]] = {}
@@ -51,8 +67,17 @@ class AdapterFedAvg(FedAvg):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        kept: list[Message] = []
         self._train, self._refused = {}, {}
+        if self.recorder.stopped is not None:
+            return None, None
+        kept = self.screen(server_round, replies)
+        if kept:
+            self.recorder.record_transfer(kept[0].content["arrays"].count_bytes(), len(kept))
+        return super().aggregate_train(server_round, kept)
+
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies that can be averaged; refusals and rejections are recorded."""
+        kept: list[Message] = []
         for msg in replies:
             node = f"node {msg.metadata.src_node_id}"
             if msg.has_error():
@@ -69,9 +94,7 @@ class AdapterFedAvg(FedAvg):
             metrics = dict(msg.content["metrics"])
             self._train[site_name(int(metrics["site-id"]))] = metrics
             kept.append(msg)
-        if kept:
-            self.recorder.record_transfer(kept[0].content["arrays"].count_bytes(), len(kept))
-        return super().aggregate_train(server_round, kept)
+        return kept
 
     def reply_problem(self, content: RecordDict) -> str | None:
         """Why the content of a train reply cannot be averaged, or None when it can."""
@@ -104,6 +127,67 @@ class AdapterFedAvg(FedAvg):
         return aggregated
 
 
+class AdapterFedAvg(Bookkeeping, FedAvg):
+    """FedAvg weighted by each site's number of training images."""
+
+    def __init__(self, recorder: RunRecorder, adapter_keys: list[str], **kwargs):
+        super().__init__(**kwargs)
+        self.init_bookkeeping(recorder, adapter_keys)
+
+
+class ClientDPFedAvg(Bookkeeping, DifferentialPrivacyServerSideFixedClipping):
+    """Client-level DP: clip each site's update, average with equal weights, add Gaussian noise.
+
+    Flower's RDP accountant composes one release per round (no amplification from site
+    sampling, which the server controls). Each release is also written, hash-chained, to
+    ``ledger-federation/client-level.jsonl`` so ``fedfm audit`` can recompute it.
+    """
+
+    def __init__(self, recorder: RunRecorder, adapter_keys: list[str], config: ExperimentConfig, sampled: int, **fedavg):
+        client = config.privacy.client
+        accountant = RdpAccountant(PrivacyConfig(
+            target_delta=client.delta, population_size=config.data.num_sites,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        ))
+        inner = FedAvg(weighted_by_key="client-weight", **fedavg)
+        super().__init__(inner, client.noise_multiplier, client.clipping_norm, sampled, accountant=accountant)
+        self.init_bookkeeping(recorder, adapter_keys)
+        self.ledger = SiteLedger(recorder.run_dir / "ledger-federation", CLIENT_LEDGER)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        releases = self.accountant.num_releases
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if self.accountant.num_releases > releases:
+            spent = self.accountant.get_privacy_spent()
+            client = self.recorder.config.privacy.client
+            entry = self.ledger.append({
+                "round": server_round, "steps": 1, "noise_multiplier": self.noise_multiplier,
+                "sample_rate": 1.0, "sampling": "no-amplification", "sampled_sites": self.num_sampled_clients,
+                "population": self.recorder.config.data.num_sites, "max_grad_norm": self.clipping_norm,
+                "delta": client.delta, "accountant": DP_ACCOUNTING_RDP, "accountant_library": "flwr RdpAccountant (dp-accounting)",
+                "epsilon": spent.epsilon,
+            })
+            self.recorder.client_level = {k: entry[k] for k in ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sampled_sites", "population")}
+            self.recorder.client_level["rounds"] = self.accountant.num_releases
+        return arrays, metrics
+
+
+def build_strategy(config: ExperimentConfig, recorder: RunRecorder, adapter_keys: list[str]):
+    fed = config.federation
+    fedavg = dict(
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate if config.eval.every_round else 0.0,
+        min_train_nodes=fed.min_train_sites,
+        min_evaluate_nodes=1,
+        min_available_nodes=config.data.num_sites,
+    )
+    if config.privacy.client_level:
+        sampled = max(int(config.data.num_sites * fed.fraction_train), fed.min_train_sites)
+        return ClientDPFedAvg(recorder, adapter_keys, config, sampled, **fedavg)
+    return AdapterFedAvg(recorder, adapter_keys, **fedavg)
+
+
 def progress_line(entry: dict, rounds: int) -> str:
     parts = [f"[fedfm] round {entry['round']}/{rounds}: {len(entry['participants'])} sites trained"]
     if entry["refused"]:
@@ -112,6 +196,8 @@ def progress_line(entry: dict, rounds: int) -> str:
         parts.append(f"train loss {entry['train_loss']:.4f}")
     if entry["max_epsilon"]:
         parts.append(f"max epsilon {entry['max_epsilon']:.3f}")
+    if entry.get("client_epsilon"):
+        parts.append(f"client-level epsilon {entry['client_epsilon']:.3f}")
     if entry["val_auroc"] is not None:
         parts.append(f"val AUROC {entry['val_auroc']:.4f}")
     parts.append(f"{entry['elapsed_s']:.0f} s")

@@ -100,3 +100,20 @@ def test_sites_enforce_their_own_budgets_and_the_run_ends_cleanly(tmp_path):
         entries = SiteLedger(out / "ledger", name).verify()
         assert all(e["epsilon"] <= budget == e["budget_epsilon"] for e in entries)
     assert results["sites"]["site-0"]["rounds_trained"] == 2 and results["sites"]["site-1"]["rounds_trained"] == 1
+
+
+def test_client_and_sample_level_dp_together_are_accounted_and_audited(tmp_path):
+    out, results = _run(
+        tmp_path, REPO / "configs" / "quickstart.yaml",
+        "data.num_sites=2", "federation.rounds=2", "data.samples_per_site=120", "data.image_size=16",
+        "privacy.level=both", "privacy.client.noise_multiplier=1.0", "privacy.client.clipping_norm=0.5",
+    )
+    client = results["client_level"]
+    assert client["rounds"] == 2 and client["noise_multiplier"] == 1.0 and client["max_grad_norm"] == 0.5
+    assert client["epsilon"] == pytest.approx(
+        SiteAccountant("rdp", [StepBatch(1.0, 1.0, 2)]).epsilon(1e-3), rel=0.05)
+    assert all(0 < s["epsilon"] <= 8 for s in results["sites"].values())  # sample level still on
+    assert main(["audit", str(out)]) == 0
+    report = json.loads((out / "audit.json").read_text())
+    assert [s["site"] for s in report["sites"]] == ["site-0", "site-1", "client-level"]
+    assert "one whole hospital" in (out / "audit.md").read_text()

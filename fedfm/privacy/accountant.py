@@ -11,6 +11,8 @@ import copy
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
+
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -53,8 +55,9 @@ class SiteAccountant:
         """Cumulative epsilon at ``delta``; 0 before any step."""
         if not self.opacus.history:
             return 0.0
-        with warnings.catch_warnings():
-            # Opacus notes when the best RDP order is its largest; the bound is still valid.
+        with warnings.catch_warnings(), np.errstate(divide="ignore"):
+            # Opacus notes when the best RDP order is its largest, and its PRV takes log(0) at
+            # sampling rate 1 (client-level releases); both results are still valid.
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
             return float(self.opacus.get_epsilon(delta=delta))
 

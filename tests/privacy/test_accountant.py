@@ -57,3 +57,10 @@ def test_calibrated_noise_matches_privacy_md():
 
 def test_empty_accountant_has_zero_epsilon():
     assert SiteAccountant("prv").epsilon(1e-5) == 0.0
+
+
+def test_client_level_reference_without_amplification():
+    # PRIVACY.md: z = 1, 50 rounds, delta 1e-3, no amplification -> 49.4 (RDP) / 46.0 (PLD)
+    rounds = [StepBatch(1.0, 1.0, 1)] * 50
+    assert SiteAccountant("rdp", rounds).epsilon(1e-3) == pytest.approx(49.4, abs=0.01)
+    assert SiteAccountant("prv", rounds).epsilon(1e-3) == pytest.approx(46.0, abs=0.05)
