@@ -50,7 +50,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     json_path, md_path = write_audit(audits, args.out or args.run_dir)
     for a in audits:
         eps = ", ".join(f"{k} {v:.4f}" for k, v in a.epsilons.items())
-        print(f"{a.site}: {'PASS' if a.passed else 'FAIL'}  reported {a.reported_epsilon}  {eps}")
+        last = f"  last round {a.rounds[-1]}" if a.rounds else ""
+        print(f"{a.site}: {'PASS' if a.passed else 'FAIL'}  reported {a.reported_epsilon}{last}  {eps}")
         if a.empirical:
             r = a.empirical["result"]
             print(f"  empirical: {r['correct']}/{r['guesses']} guesses right, epsilon >= {r['epsilon_lower_bound']:.3f}")

@@ -263,7 +263,8 @@ def audit_markdown(audits: list[SiteAudit], libraries: dict[str, str]) -> str:
                 f"- Accounting: Poisson sampling, noise multiplier {last['noise_multiplier']}, clipping norm "
                 f"{last['max_grad_norm']}, sample rate {last['sample_rate']:.5f}, "
                 f"{sum(h['steps'] for h in a.history)} steps in {len(a.rounds)} rounds, delta {a.delta:g}.",
-                f"- Budget: {a.budget_epsilon}.",
+                f"- Rounds trained: {', '.join(map(str, a.rounds))}; last trained in round {a.rounds[-1]}, "
+                f"having spent epsilon {a.reported_epsilon:.3f} of its budget {a.budget_epsilon}.",
                 "",
                 "| method | epsilon |",
                 "|---|---|",

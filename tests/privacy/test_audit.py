@@ -6,7 +6,7 @@ import pytest
 
 from fedfm.cli import main
 from fedfm.privacy.accountant import SiteAccountant, StepBatch
-from fedfm.privacy.audit import audit_run, dp_accounting_epsilons
+from fedfm.privacy.audit import audit_run, dp_accounting_epsilons, dp_accounting_rdp_default_orders
 from fedfm.privacy.ledger import SiteLedger
 
 
@@ -23,11 +23,22 @@ def _write_ledger(folder, site, rounds, mechanism="prv", budget=8.0, delta=1e-5)
     return ledger
 
 
-def test_dp_accounting_matches_privacy_md_reference():
-    entries = [{"noise_multiplier": 1.1, "sample_rate": 256 / 60000, "steps": 14062}]
-    eps = dp_accounting_epsilons(entries, 1e-5)
-    assert eps["dp_accounting_pld"] == pytest.approx(2.381686, abs=1e-5)
-    assert eps["dp_accounting_rdp"] == pytest.approx(2.596556, abs=1e-5)
+REFERENCE = [  # PRIVACY.md: sigma, q, steps, delta, dp-accounting RDP, dp-accounting PLD
+    (1.1, 256 / 60000, 14062, 1e-5, 2.596556, 2.381686),
+    (0.7, 256 / 60000, 10546, 1e-5, 6.319464, 5.639447),
+    (0.5, 256 / 60000, 4687, 1e-5, 14.307729, 12.450951),
+    (4.0, 0.01, 10000, 1e-5, 1.035490, 0.946999),
+    (2.0, 0.01, 10000, 1e-5, 2.352913, 2.162774),
+    (1.0, 32 / 2000, 1860, 2000**-1.1, 3.775081, 3.343840),
+    (3.0, 4096 / 50000, 2000, 1e-5, 6.239059, 5.774279),
+]
+
+
+@pytest.mark.parametrize("sigma, q, steps, delta, rdp_ref, pld_ref", REFERENCE)
+def test_dp_accounting_matches_privacy_md_reference(sigma, q, steps, delta, rdp_ref, pld_ref):
+    entries = [{"noise_multiplier": sigma, "sample_rate": q, "steps": steps}]
+    assert dp_accounting_epsilons(entries, delta)["dp_accounting_pld"] == pytest.approx(pld_ref, abs=1e-5)
+    assert dp_accounting_rdp_default_orders(entries, delta) == pytest.approx(rdp_ref, abs=1e-5)
 
 
 @pytest.mark.parametrize("mechanism", ["prv", "rdp"])

@@ -54,3 +54,20 @@ def test_append_leaves_no_temp_files_and_whole_lines(tmp_path):
     ledger.append(_record(1))
     assert [p.name for p in tmp_path.iterdir()] == ["site-3.jsonl"]
     assert ledger.path.read_text().endswith("\n")
+
+
+def test_changing_any_field_of_any_entry_is_detected_and_named(tmp_path):
+    ledger = SiteLedger(tmp_path, "site-4")
+    for r in range(1, 4):
+        ledger.append(dict(_record(r), delta=1e-5, sampling="poisson", accountant="prv"))
+    original = ledger.path.read_text().splitlines()
+    for index, line in enumerate(original):
+        for field in json.loads(line):
+            entry = json.loads(line)
+            value = entry[field]
+            entry[field] = value + 1 if isinstance(value, (int, float)) else f"{value}x"
+            ledger.path.write_text("\n".join(original[:index] + [json.dumps(entry)] + original[index + 1:]) + "\n")
+            with pytest.raises(LedgerError, match=f"entry {index + 1}|entry {index + 2}"):
+                ledger.verify()
+    ledger.path.write_text("\n".join(original) + "\n")
+    assert len(ledger.verify()) == 3
