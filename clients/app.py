@@ -22,7 +22,8 @@ def train(msg: Message, context: Context) -> Message:
     site = site_for(context)
     adapter = msg.content["arrays"].to_torch_state_dict()
     try:
-        reply = site.train(adapter, int(msg.content["config"]["server-round"]))
+        config = msg.content["config"]
+        reply = site.train(adapter, int(config["server-round"]) + int(config.get("round-offset", 0)))
     except BudgetExhausted as refusal:
         return Message(error=Error(code=BUDGET_REFUSED, reason=str(refusal)), reply_to=msg)
     content = RecordDict({"arrays": ArrayRecord(reply.adapter), "metrics": MetricRecord(reply.metrics)})

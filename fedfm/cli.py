@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override one config value, e.g. --set federation.rounds=5 (repeatable)")
     sim.add_argument("--out", default=None, help="run folder (default: runs/<output.name>-<timestamp>)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's full log, not only progress")
+    sim.add_argument("--resume", metavar="RUN_DIR", default=None,
+                     help="continue an interrupted or paused run from its last checkpoint (its own config)")
+    sim.add_argument("--until-round", type=int, default=0, metavar="K",
+                     help="stop cleanly after round K (continue later with --resume)")
     audit = sub.add_parser("audit", help="verify site ledgers and recompute every epsilon independently")
     audit.add_argument("run_dir", help="a run folder (with ledger/) or a folder of <site>.jsonl ledgers")
     audit.add_argument("--out", default=None, help="where to write audit.json and audit.md (default: run_dir)")
@@ -35,11 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedfm.simulate import run_simulation
+    from fedfm.simulate import resumable_run, run_simulation
 
-    config = load_config(args.config, args.overrides)
-    run_dir = run_simulation(config, args.out, verbose=args.verbose)
-    print_summary(run_dir)
+    if args.resume:
+        if args.overrides or args.out:
+            raise ConfigError("--resume continues a run with its own config: drop --set and --out")
+        config, run_dir = resumable_run(args.resume)
+        run_dir = run_simulation(config, str(run_dir), args.verbose, resume=True, until_round=args.until_round)
+    else:
+        config = load_config(args.config, args.overrides)
+        run_dir = run_simulation(config, args.out, verbose=args.verbose, until_round=args.until_round)
+    if json.loads((run_dir / "results.json").read_text())["status"] == "complete":
+        print_summary(run_dir)
     return 0
 
 

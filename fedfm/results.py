@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fedfm.config import ExperimentConfig
 from fedfm.eval.metrics import classification_metrics
@@ -44,11 +44,34 @@ class RunRecorder:
     bytes_moved: int = 0
     stopped: str | None = None  # why training ended before the planned rounds, if it did
     client_level: dict[str, Any] | None = None  # client-level DP guarantee so far (level client/both)
+    round_offset: int = 0  # rounds done before this process started (resumed runs)
     started: float = field(default_factory=time.time)
+    earlier_wall_time_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def resume(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """Continue a run from its checkpoint: (last completed round, global adapter).
+
+        The per-round history and byte counts come back from results.json, so the resumed run
+        writes the same results an uninterrupted one would.
+        """
+        state_path = self.run_dir / "checkpoint" / "state.json"
+        if not state_path.exists():
+            raise FileNotFoundError(f"{self.run_dir} has no checkpoint to resume from (checkpoint/state.json)")
+        done = int(json.loads(state_path.read_text())["round"])
+        previous = json.loads((self.run_dir / "results.json").read_text())
+        self.rounds = [r for r in previous["rounds"] if r["round"] <= done]
+        for entry in self.rounds:
+            self.site_train.update(entry["train"])
+        communication = previous["communication"]
+        self.update_bytes, self.bytes_moved = communication["update_bytes"], communication["total_bytes_moved"]
+        self.client_level = previous.get("client_level")
+        self.earlier_wall_time_s = float(previous.get("wall_time_s", 0.0))
+        self.round_offset = done
+        return done, load_file(str(self.run_dir / "checkpoint" / "adapter.safetensors"))
 
     def record_transfer(self, adapter_bytes: int, messages: int) -> None:
         self.update_bytes = adapter_bytes
@@ -64,7 +87,7 @@ class RunRecorder:
         for site, metrics in train.items():
             self.site_train[site] = metrics
         entry = {
-            "round": server_round,
+            "round": server_round + self.round_offset,
             "participants": sorted(train),
             "refused": refused,
             "train": train,
@@ -73,7 +96,7 @@ class RunRecorder:
             "client_epsilon": (self.client_level or {}).get("epsilon"),
             "val": evaluation,
             "val_auroc": _weighted(evaluation, "auroc"),
-            "elapsed_s": round(time.time() - self.started, 2),
+            "elapsed_s": round(time.time() - self.started + self.earlier_wall_time_s, 2),
         }
         self.rounds.append(entry)
         return entry
@@ -84,7 +107,7 @@ class RunRecorder:
         tmp = folder / "adapter.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp))
         os.replace(tmp, folder / "adapter.safetensors")
-        _write_json(folder / "state.json", {"round": server_round, "time": time.time()})
+        _write_json(folder / "state.json", {"round": server_round + self.round_offset, "time": time.time()})
         self.write_results(status="running")
 
     def finalize(self, adapter: dict[str, torch.Tensor], evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
@@ -102,7 +125,7 @@ class RunRecorder:
             "pooled": _pooled(evaluations or {}),
             "client_level": self.client_level,
             "communication": self._communication(),
-            "wall_time_s": round(time.time() - self.started, 2),
+            "wall_time_s": round(time.time() - self.started + self.earlier_wall_time_s, 2),
         }
         _write_json(self.run_dir / "results.json", results)
         return results

@@ -34,19 +34,37 @@ def default_run_dir(config: ExperimentConfig) -> Path:
 def prepare_run_dir(config: ExperimentConfig, out: str | None) -> Path:
     run_dir = Path(out or config.output.dir or default_run_dir(config)).expanduser().resolve()
     if (run_dir / "results.json").exists():
-        raise ConfigError(f"output folder '{run_dir}' already holds a run: pass a new --out (nothing was overwritten)")
+        raise ConfigError(
+            f"output folder '{run_dir}' already holds a run: pass a new --out, or --resume {run_dir} "
+            "to continue it (nothing was overwritten)"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     config.output.dir = str(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     return run_dir
 
 
-def write_run_config(config: ExperimentConfig, run_dir: Path) -> Path:
-    """The ``--run-config`` TOML: the resolved experiment as JSON plus the output folder."""
+def resumable_run(run_dir: str | Path) -> tuple[ExperimentConfig, Path]:
+    """The config of an interrupted or paused run, checked to be resumable."""
+    from fedfm.config import load_config
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoint" / "state.json").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run folder with a checkpoint (config.yaml, checkpoint/state.json)")
+    results = run_dir / "results.json"
+    if results.exists() and json.loads(results.read_text()).get("status") == "complete":
+        raise ConfigError(f"--resume {run_dir}: the run is already complete")
+    return load_config(run_dir / "config.yaml"), run_dir
+
+
+def write_run_config(config: ExperimentConfig, run_dir: Path, resume: bool = False, until_round: int = 0) -> Path:
+    """The ``--run-config`` TOML: the resolved experiment as JSON, the output folder, resume settings."""
     path = run_dir / "run-config.toml"
     path.write_text(
         f"config-json = {json.dumps(config.to_json())}\n"
         f"out-dir = {json.dumps(str(run_dir))}\n"
+        f"resume = {'true' if resume else 'false'}\n"
+        f"until-round = {int(until_round)}\n"
     )
     return path
 
@@ -82,15 +100,25 @@ def simulation_env(config: ExperimentConfig) -> dict[str, str]:
     return env
 
 
-def run_simulation(config: ExperimentConfig, out: str | None = None, verbose: bool = False) -> Path:
-    """Run ``config`` on Flower's simulation engine; return the run folder with results.json."""
+def run_simulation(
+    config: ExperimentConfig,
+    out: str | None = None,
+    verbose: bool = False,
+    resume: bool = False,
+    until_round: int = 0,
+) -> Path:
+    """Run ``config`` on Flower's simulation engine; return the run folder with results.json.
+
+    ``resume`` continues the run in ``out`` from its last checkpoint; ``until_round`` stops
+    cleanly after that round (results.json says ``paused``).
+    """
     if not (APP_DIR / "pyproject.toml").is_file():
         raise ConfigError(f"fedfm simulate needs the fedfm app folder (with pyproject.toml); not found at {APP_DIR}")
-    run_dir = prepare_run_dir(config, out)
-    command = flwr_command(config, write_run_config(config, run_dir))
+    run_dir = Path(out).resolve() if resume else prepare_run_dir(config, out)
+    command = flwr_command(config, write_run_config(config, run_dir, resume, until_round))
     superlink_was_up = _port_open(LOCAL_SUPERLINK_PORT)
     print(f"[fedfm] {config.data.num_sites} sites, {config.federation.rounds} rounds -> {run_dir}", flush=True)
-    log_path = run_dir / "flwr.log"
+    log_path = run_dir / ("flwr-resumed.log" if resume else "flwr.log")
     try:
         code = _stream(command, simulation_env(config), log_path, verbose)
     finally:
@@ -98,7 +126,8 @@ def run_simulation(config: ExperimentConfig, out: str | None = None, verbose: bo
             stop_local_superlink()
     results = run_dir / "results.json"
     status = json.loads(results.read_text()).get("status") if results.exists() else None
-    if code != 0 or status != "complete":
+    expected = "paused" if 0 < until_round < config.federation.rounds else "complete"
+    if code != 0 or status != expected:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
         raise RuntimeError(f"simulation did not complete (flwr exit {code}, status {status}); last log lines:\n{tail}")
     return run_dir
@@ -117,7 +146,7 @@ def _stream(command: list[str], env: dict[str, str], log_path: Path, verbose: bo
                 print(line.rstrip(), flush=True)
             elif "[fedfm]" in line:  # progress lines, without Flower's log prefix
                 print("[fedfm]" + line.split("[fedfm]", 1)[1].rstrip(), flush=True)
-            if "[fedfm] done:" in line:
+            if "[fedfm] done:" in line or "[fedfm] paused after round" in line:
                 done = True
         code = proc.wait()
     return 0 if done and code in (0, None) else code

@@ -26,21 +26,31 @@ def main(grid: Grid, context: Context) -> None:
     initial = adapter_state_dict(model)
     recorder = RunRecorder(config, run_dir, model, full_model_bytes(model))
     fed = config.federation
+    done = 0
+    if context.run_config.get("resume", False):
+        done, initial = recorder.resume()
+    last = min(int(context.run_config.get("until-round", 0) or fed.rounds), fed.rounds)
     strategy = build_strategy(config, recorder, list(initial))
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
-        if server_round > 0 and config.output.checkpoint_every_round:
+        if server_round > 0 and (config.output.checkpoint_every_round or server_round + done == last):
             recorder.checkpoint(server_round, arrays.to_torch_state_dict())
 
+    offset = ConfigRecord({"round-offset": done})
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(initial),
-        num_rounds=fed.rounds,
+        num_rounds=max(0, last - done),
         timeout=fed.round_timeout_s,
-        evaluate_config=ConfigRecord({"split": "val"}),
+        train_config=offset,
+        evaluate_config=ConfigRecord({"split": "val", "round-offset": done}),
         evaluate_fn=checkpoint,
     )
     final = result.arrays if result.arrays is not None else ArrayRecord(initial)
+    if last < fed.rounds:
+        recorder.write_results(status="paused")
+        print(f"[fedfm] paused after round {last}: continue with fedfm simulate --resume {run_dir}", flush=True)
+        return
     evaluations = evaluate_on_test(grid, final, config.eval.share_predictions, fed.round_timeout_s)
     recorder.record_transfer(final.count_bytes(), len(evaluations))
     results = recorder.finalize(final.to_torch_state_dict(), evaluations)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid, PrivacyConfig, RdpAccountant
+from flwr.serverapp import GaussianPrivacyEvent, Grid, PrivacyConfig, RdpAccountant
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
 # flwr.serverapp exports PrivacyConfig but not the two enums it takes (flwr 1.42).
@@ -52,7 +52,9 @@ class Bookkeeping:
         nodes = set(grid.get_node_ids())
         if nodes and nodes <= self.out_of_budget:
             if self.recorder.stopped is None:
-                self.recorder.stopped = f"round {server_round}: every site has spent its privacy budget"
+                self.recorder.stopped = (
+                    f"round {server_round + self.recorder.round_offset}: every site has spent its privacy budget"
+                )
                 log.warning("%s; no further training", self.recorder.stopped)
             return []
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -94,7 +96,8 @@ class Bookkeeping:
             metrics = dict(msg.content["metrics"])
             self._train[site_name(int(metrics["site-id"]))] = metrics
             kept.append(msg)
-        return kept
+        # A fixed order makes the floating-point average independent of arrival order.
+        return sorted(kept, key=lambda m: int(m.content["metrics"]["site-id"]))
 
     def reply_problem(self, content: RecordDict) -> str | None:
         """Why the content of a train reply cannot be averaged, or None when it can."""
@@ -154,6 +157,10 @@ class ClientDPFedAvg(Bookkeeping, DifferentialPrivacyServerSideFixedClipping):
         super().__init__(inner, client.noise_multiplier, client.clipping_norm, sampled, accountant=accountant)
         self.init_bookkeeping(recorder, adapter_keys)
         self.ledger = SiteLedger(recorder.run_dir / "ledger-federation", CLIENT_LEDGER)
+        for entry in self.ledger.verify():  # a resumed run continues the same accountant
+            self.accountant.compose(GaussianPrivacyEvent(
+                noise_multiplier=entry["noise_multiplier"], sample_size=entry["sampled_sites"],
+                population_size=entry["population"]))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         releases = self.accountant.num_releases
@@ -162,7 +169,7 @@ class ClientDPFedAvg(Bookkeeping, DifferentialPrivacyServerSideFixedClipping):
             spent = self.accountant.get_privacy_spent()
             client = self.recorder.config.privacy.client
             entry = self.ledger.append({
-                "round": server_round, "steps": 1, "noise_multiplier": self.noise_multiplier,
+                "round": server_round + self.recorder.round_offset, "steps": 1, "noise_multiplier": self.noise_multiplier,
                 "sample_rate": 1.0, "sampling": "no-amplification", "sampled_sites": self.num_sampled_clients,
                 "population": self.recorder.config.data.num_sites, "max_grad_norm": self.clipping_norm,
                 "delta": client.delta, "accountant": DP_ACCOUNTING_RDP, "accountant_library": "flwr RdpAccountant (dp-accounting)",
