@@ -88,6 +88,12 @@ def print_summary(run_dir: Path) -> None:
             f"{_fmt(test.get('auroc'))} {_fmt(test.get('accuracy'))} {_fmt(test.get('balanced_accuracy'), 8)} "
             f"{_fmt(site.get('epsilon'), 8, 3) if 'epsilon' in site else '':>8}"
         )
+    ci = results["pooled"].get("ci95", {}).get("auroc")
+    if ci:
+        print(f"pooled AUROC 95 % CI [{ci[0]:.4f}, {ci[1]:.4f}] (bootstrap over test images)")
+    worst = results.get("worst_site")
+    if worst:
+        print(f"worst site {worst['site']} (AUROC {worst['auroc']:.4f}); best minus worst {worst['best_minus_worst_auroc']:.4f}")
     comm = results["communication"]
     print(
         f"\nupdate {comm['update_bytes'] / 1e6:.3f} MB vs full model {comm['full_model_bytes'] / 1e6:.2f} MB "

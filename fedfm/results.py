@@ -19,7 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedfm.config import ExperimentConfig
-from fedfm.eval.metrics import classification_metrics
+from fedfm.eval.metrics import bootstrap_intervals, classification_metrics
+
+TEST_METRICS = ("auroc", "accuracy", "balanced_accuracy", "loss", "ece", "sensitivity", "specificity")
 from fedfm.models import load_adapter_state_dict, save_adapter, state_bytes
 
 
@@ -123,6 +125,7 @@ class RunRecorder:
             "rounds": self.rounds,
             "sites": self._sites(evaluations or {}),
             "pooled": _pooled(evaluations or {}),
+            "worst_site": _worst_site(evaluations or {}),
             "client_level": self.client_level,
             "communication": self._communication(),
             "wall_time_s": round(time.time() - self.started + self.earlier_wall_time_s, 2),
@@ -140,7 +143,8 @@ class RunRecorder:
                 "n_train": int(metrics.pop("n-train", train.get("num-examples", 0))),
                 "n_val": int(metrics.pop("n-val", 0)),
                 "n_test": int(metrics.pop("n-test", 0)),
-                "test": {k: metrics[k] for k in ("auroc", "accuracy", "balanced_accuracy", "loss") if k in metrics},
+                "test": {k: metrics[k] for k in TEST_METRICS if k in metrics},
+                "test_ci95": bootstrap_intervals(ev.probs, ev.labels) if ev is not None and ev.probs is not None else {},
                 "epsilon": float(train.get("epsilon", 0.0)),
                 "delta": float(train.get("delta", 0.0)),
                 "rounds_trained": sum(site in r["participants"] for r in self.rounds),
@@ -160,13 +164,23 @@ def adapter_bytes(adapter: dict[str, torch.Tensor]) -> int:
     return state_bytes(adapter)
 
 
-def _pooled(evaluations: dict[str, SiteEvaluation]) -> dict[str, float]:
+def _pooled(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
     parts = [ev for ev in evaluations.values() if ev.probs is not None and len(ev.probs)]
     if not parts:
         return {}
     probs = np.concatenate([ev.probs for ev in parts])
     labels = np.concatenate([ev.labels for ev in parts])
-    return classification_metrics(probs, labels)
+    return {**classification_metrics(probs, labels), "ci95": bootstrap_intervals(probs, labels)}
+
+
+def _worst_site(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any] | None:
+    """The site with the lowest test AUROC, and the gap to the best one."""
+    scored = {name: ev.metrics["auroc"] for name, ev in evaluations.items()
+              if isinstance(ev.metrics.get("auroc"), float) and not math.isnan(ev.metrics["auroc"])}
+    if not scored:
+        return None
+    worst, best = min(scored, key=scored.get), max(scored, key=scored.get)
+    return {"site": worst, "auroc": scored[worst], "best_site": best, "best_minus_worst_auroc": scored[best] - scored[worst]}
 
 
 def _weighted(per_site: dict[str, dict[str, float]], key: str) -> float | None:

@@ -42,12 +42,16 @@ def test_two_sites_two_rounds_synthetic_end_to_end(tmp_path):
     for name in ("site-0", "site-1"):
         site = results["sites"][name]
         assert site["n_train"] > 0 and site["n_val"] > 0 and site["n_test"] > 0
-        assert set(site["test"]) == {"auroc", "accuracy", "balanced_accuracy", "loss"}
+        assert set(site["test"]) == {"auroc", "accuracy", "balanced_accuracy", "loss", "ece", "sensitivity", "specificity"}
+        lo, hi = site["test_ci95"]["auroc"]
+        assert lo <= site["test"]["auroc"] <= hi
         assert 0 < site["epsilon"] <= 8.0 and site["delta"] == 1e-5
         entries = SiteLedger(out / "ledger", name).verify()
         assert [e["round"] for e in entries] == [1, 2]
         assert entries[-1]["epsilon"] == site["epsilon"]
     assert results["pooled"]["n"] == sum(s["n_test"] for s in results["sites"].values())
+    worst = results["worst_site"]
+    assert worst["auroc"] == min(s["test"]["auroc"] for s in results["sites"].values())
     comm = results["communication"]
     assert 0 < comm["update_bytes"] < comm["full_model_bytes"]
     # 2 rounds x 2 sites x (train down + up + validation down) + final test down

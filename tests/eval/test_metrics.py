@@ -36,3 +36,37 @@ def test_classification_metrics_keys_and_loss():
     m = classification_metrics(probs, np.array([0, 1]))
     assert m["auroc"] == 1.0 and m["accuracy"] == 1.0 and m["n"] == 2
     assert m["loss"] == pytest.approx(-(np.log(0.9) + np.log(0.8)) / 2)
+
+
+def test_sensitivity_and_specificity_by_hand():
+    from fedfm.eval.metrics import sensitivity_specificity
+
+    preds, labels = np.array([1, 1, 0, 0, 1]), np.array([1, 0, 0, 0, 1])
+    assert sensitivity_specificity(preds, labels) == (1.0, 2 / 3)
+
+
+def test_ece_by_hand():
+    from fedfm.eval.metrics import expected_calibration_error, reliability_curve
+
+    # confidences 0.9, 0.9 (one right, one wrong) and 0.6 (right); 15 bins: 0.9 in bin 13, 0.6 in bin 8
+    probs = np.array([[0.9, 0.1], [0.1, 0.9], [0.6, 0.4]])
+    labels = np.array([0, 0, 0])
+    curve = reliability_curve(probs, labels)
+    assert curve["count"] == [1, 2] and curve["accuracy"] == [1.0, 0.5]
+    assert expected_calibration_error(probs, labels) == pytest.approx(1 / 3 * 0.4 + 2 / 3 * 0.4)
+    perfectly_calibrated = np.array([[1.0, 0.0]] * 4)
+    assert expected_calibration_error(perfectly_calibrated, np.zeros(4, int)) == 0.0
+
+
+def test_bootstrap_interval_covers_the_truth_about_95_percent_of_the_time():
+    from fedfm.eval.metrics import bootstrap_intervals
+
+    rng = np.random.default_rng(0)
+    covered, trials = 0, 200
+    for trial in range(trials):
+        labels = np.zeros(100, int)
+        correct = rng.random(100) < 0.7  # a classifier whose true accuracy is 0.7
+        probs = np.where(correct[:, None], [[0.8, 0.2]], [[0.2, 0.8]])
+        lo, hi = bootstrap_intervals(probs, labels, resamples=200, seed=trial)["accuracy"]
+        covered += lo <= 0.7 <= hi
+    assert 0.89 <= covered / trials <= 0.99
