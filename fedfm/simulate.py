@@ -161,12 +161,14 @@ def _port_open(port: int) -> bool:
 
 
 def local_superlink_pids() -> list[int]:
+    """PIDs of the simulation SuperLink that ``flwr run`` starts (never a deployment SuperLink)."""
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [
-        int(line.split(None, 1)[0])
-        for line in out.splitlines()
-        if "flower-superlink" in line and "python" in line or line.strip().split(None, 1)[-1].startswith("flower-superlink")
-    ]
+    pids = []
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if "flower-superlink" in args and "--simulation" in args.split():
+            pids.append(int(pid))
+    return pids
 
 
 def stop_local_superlink(timeout: float = 15.0) -> None:

@@ -14,7 +14,7 @@ from fedfm.data import load_site
 from fedfm.privacy.accountant import SiteAccountant, StepBatch
 from fedfm.models.registry import build_backbone
 from fedfm.privacy.ledger import SiteLedger
-from fedfm.simulate import local_superlink_pids
+from fedfm.simulate import LOCAL_SUPERLINK_PORT, _port_open, local_superlink_pids
 from fedfm.training.local import plan_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +68,7 @@ def test_two_sites_two_rounds_synthetic_end_to_end(tmp_path):
     assert torch.equal(loaded, checkpoint[lora_key])
     if not superlink_before:
         assert not local_superlink_pids(), "the local SuperLink that flwr run started must be stopped"
+        assert not _port_open(LOCAL_SUPERLINK_PORT), "nothing may listen on the local SuperLink's port after the run"
 
 
 @pytest.mark.slow
