@@ -22,7 +22,7 @@ from fedfm.config import ExperimentConfig
 from fedfm.eval.metrics import bootstrap_intervals, classification_metrics
 
 TEST_METRICS = ("auroc", "accuracy", "balanced_accuracy", "loss", "ece", "sensitivity", "specificity")
-from fedfm.models import load_adapter_state_dict, save_adapter, state_bytes
+from fedfm.models import load_adapter_state_dict, save_adapter
 
 
 @dataclass
@@ -158,10 +158,6 @@ class RunRecorder:
             "update_to_full_ratio": self.update_bytes / self.full_model_bytes if self.full_model_bytes else None,
             "total_bytes_moved": self.bytes_moved,
         }
-
-
-def adapter_bytes(adapter: dict[str, torch.Tensor]) -> int:
-    return state_bytes(adapter)
 
 
 def _pooled(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
