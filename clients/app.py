@@ -6,7 +6,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedfm.appconfig import apply_node_config, experiment_from_run_config, ledger_dir, site_id_from_node_config
-from fedfm.site import BUDGET_REFUSED, BudgetExhausted, Site
+from fedfm.site import BUDGET_REFUSED, HELD_OUT, BudgetExhausted, HeldOut, Site
 
 app = ClientApp()
 
@@ -26,6 +26,8 @@ def train(msg: Message, context: Context) -> Message:
         reply = site.train(adapter, int(config["server-round"]) + int(config.get("round-offset", 0)))
     except BudgetExhausted as refusal:
         return Message(error=Error(code=BUDGET_REFUSED, reason=str(refusal)), reply_to=msg)
+    except HeldOut as refusal:
+        return Message(error=Error(code=HELD_OUT, reason=str(refusal)), reply_to=msg)
     content = RecordDict({"arrays": ArrayRecord(reply.adapter), "metrics": MetricRecord(reply.metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -134,6 +134,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(256, ge=1)
     every_round: bool = True
     share_predictions: bool = True
+    holdout_sites: list[int] = Field(default_factory=list)
 
 
 class OutputConfig(_Section):
@@ -162,7 +163,19 @@ class ExperimentConfig(_Section):
             )
         if self.data.partition == "natural" and self.data.source == "synthetic":
             raise ValueError("data.partition=natural needs site ids in the data; synthetic data has none")
+        self._check_holdout()
         return self
+
+    def _check_holdout(self) -> None:
+        held = self.eval.holdout_sites
+        bad = [s for s in held if not 0 <= s < self.data.num_sites]
+        if bad:
+            raise ValueError(f"eval.holdout_sites={held}: site ids must be in 0..{self.data.num_sites - 1}")
+        if len(set(held)) >= self.data.num_sites:
+            raise ValueError(f"eval.holdout_sites={held} holds out every site: leave at least one to train")
+        if held and self.privacy.client_level:
+            raise ValueError("eval.holdout_sites does not combine with privacy.level=client/both yet: "
+                             "client-level DP needs every sampled site to train")
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -23,6 +23,7 @@ from fedfm.eval.metrics import bootstrap_intervals, classification_metrics
 
 TEST_METRICS = ("auroc", "accuracy", "balanced_accuracy", "loss", "ece", "sensitivity", "specificity")
 from fedfm.models import load_adapter_state_dict, save_adapter
+from fedfm.site import site_name
 
 
 @dataclass
@@ -125,6 +126,9 @@ class RunRecorder:
             "rounds": self.rounds,
             "sites": self._sites(evaluations or {}),
             "pooled": _pooled(evaluations or {}),
+            "pooled_unseen": _pooled({k: v for k, v in (evaluations or {}).items() if self._held_out(k)}),
+            "pooled_seen": _pooled({k: v for k, v in (evaluations or {}).items() if not self._held_out(k)})
+            if self.config.eval.holdout_sites else {},
             "worst_site": _worst_site(evaluations or {}),
             "client_level": self.client_level,
             "communication": self._communication(),
@@ -148,8 +152,12 @@ class RunRecorder:
                 "epsilon": float(train.get("epsilon", 0.0)),
                 "delta": float(train.get("delta", 0.0)),
                 "rounds_trained": sum(site in r["participants"] for r in self.rounds),
+                "held_out": self._held_out(site),
             }
         return sites
+
+    def _held_out(self, site: str) -> bool:
+        return site in {site_name(s) for s in self.config.eval.holdout_sites}
 
     def _communication(self) -> dict[str, Any]:
         return {

@@ -27,6 +27,11 @@ from fedfm.training.local import plan_steps, predict_probs, train_round
 
 
 BUDGET_REFUSED = 4001  # error code of a reply that refuses a round for the privacy budget
+HELD_OUT = 4002  # error code of a held-out site asked to train: it only evaluates
+
+
+class HeldOut(RuntimeError):
+    """The site is held out of training (eval.holdout_sites): it only evaluates."""
 
 
 class BudgetExhausted(RuntimeError):
@@ -83,8 +88,14 @@ class Site:
         total_steps = steps_per_round * self.config.federation.rounds
         return _calibrated_noise(target, privacy.delta, sample_rate, total_steps, privacy.accountant)
 
+    @property
+    def held_out(self) -> bool:
+        return self.site_id in self.config.eval.holdout_sites
+
     def train(self, global_adapter: dict[str, torch.Tensor], server_round: int) -> TrainReply:
         cfg = self.config
+        if self.held_out:
+            raise HeldOut(f"{self.name} is held out of training (eval.holdout_sites): it only evaluates")
         torch.set_num_threads(cfg.train.threads)
         plan = plan_steps(len(self.data.train), cfg.train.batch_size, cfg.train.local_epochs)
         accountant = sigma = None

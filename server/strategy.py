@@ -22,7 +22,7 @@ from fedfm.config import ExperimentConfig
 from fedfm.privacy.audit import DP_ACCOUNTING_RDP
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.results import RunRecorder
-from fedfm.site import BUDGET_REFUSED, site_name
+from fedfm.site import BUDGET_REFUSED, HELD_OUT, site_name
 
 log = logging.getLogger("fedfm")
 
@@ -47,9 +47,10 @@ class Bookkeeping:
         self._train: dict[str, dict[str, float]] = {}
         self._refused: dict[str, str] = {}
         self.out_of_budget: set[int] = set()  # nodes that refused a round for their privacy budget
+        self.held_out: set[int] = set()  # nodes of held-out sites: never asked to train again
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        nodes = set(grid.get_node_ids())
+        nodes = set(grid.get_node_ids()) - self.held_out
         if nodes and nodes <= self.out_of_budget:
             if self.recorder.stopped is None:
                 self.recorder.stopped = (
@@ -57,7 +58,8 @@ class Bookkeeping:
                 )
                 log.warning("%s; no further training", self.recorder.stopped)
             return []
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = [m for m in super().configure_train(server_round, arrays, config, grid)
+                    if m.metadata.dst_node_id not in self.held_out]
         self.recorder.record_transfer(arrays.count_bytes(), len(messages))
         return messages
 
@@ -83,6 +85,9 @@ class Bookkeeping:
         for msg in replies:
             node = f"node {msg.metadata.src_node_id}"
             if msg.has_error():
+                if msg.error.code == HELD_OUT:
+                    self.held_out.add(msg.metadata.src_node_id)
+                    continue  # not a refusal: the site is there to be evaluated as unseen
                 if msg.error.code == BUDGET_REFUSED:
                     self.out_of_budget.add(msg.metadata.src_node_id)
                 self._refused[node] = msg.error.reason or f"error code {msg.error.code}"

@@ -75,3 +75,11 @@ def test_relative_data_path_resolves_against_the_yaml_folder(tmp_path):
     cfg.write_text("data:\n  source: medmnist\n  path: ../data.npz\n")
     config = load_config(cfg)
     assert config.data.path == str((tmp_path / "data.npz").resolve())
+
+
+def test_holdout_sites_are_checked():
+    assert load_config(None, ["data.num_sites=3", "eval.holdout_sites=[2]"]).eval.holdout_sites == [2]
+    with pytest.raises(ConfigError, match=r"eval.holdout_sites=\[5\]: site ids must be in 0..2"):
+        load_config(None, ["data.num_sites=3", "eval.holdout_sites=[5]"])
+    with pytest.raises(ConfigError, match="holds out every site"):
+        load_config(None, ["data.num_sites=2", "eval.holdout_sites=[0, 1]"])

@@ -144,3 +144,18 @@ def test_a_run_paused_after_round_k_and_resumed_equals_an_unbroken_run(tmp_path)
         assert resumed["sites"][name]["epsilon"] == unbroken["sites"][name]["epsilon"]
     assert resumed["pooled"] == unbroken["pooled"]  # same adapter, same predictions
     assert resumed["communication"] == unbroken["communication"]
+
+
+def test_a_held_out_site_never_trains_and_is_evaluated_as_unseen(tmp_path):
+    out, results = _run(
+        tmp_path, REPO / "configs" / "quickstart.yaml",
+        "data.num_sites=3", "federation.rounds=2", "data.samples_per_site=120", "data.image_size=16",
+        "eval.holdout_sites=[2]",
+    )
+    assert [r["participants"] for r in results["rounds"]] == [["site-0", "site-1"]] * 2
+    assert not (out / "ledger" / "site-2.jsonl").exists()  # it never ran a DP-SGD step
+    held = results["sites"]["site-2"]
+    assert held["held_out"] and held["rounds_trained"] == 0 and held["epsilon"] == 0.0
+    assert held["n_test"] > 0 and "auroc" in held["test"]
+    assert results["pooled_unseen"]["n"] == held["n_test"]
+    assert results["pooled_seen"]["n"] == results["sites"]["site-0"]["n_test"] + results["sites"]["site-1"]["n_test"]
