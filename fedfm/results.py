@@ -169,7 +169,9 @@ class RunRecorder:
 
 
 def _pooled(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
-    parts = [ev for ev in evaluations.values() if ev.probs is not None and len(ev.probs)]
+    # site order, not arrival order: the bootstrap resamples by position
+    parts = [evaluations[k] for k in sorted(evaluations, key=_site_order)]
+    parts = [ev for ev in parts if ev.probs is not None and len(ev.probs)]
     if not parts:
         return {}
     probs = np.concatenate([ev.probs for ev in parts])
