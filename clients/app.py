@@ -45,6 +45,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         "client-weight": 1,  # equal weights, as client-level DP averages sites
         "n-train": sizes["n_train"], "n-val": sizes["n_val"], "n-test": sizes["n_test"],
     }
+    if split == "test":  # the report shows each site's size and label distribution
+        metrics.update({f"label-counts-{k}": v for k, v in site.label_counts().items()})
     if msg.content["config"].get("return-predictions", False):
         metrics["probs"] = [float(p) for p in reply.probs.reshape(-1)]
         metrics["labels"] = [int(y) for y in reply.labels]

@@ -1,4 +1,4 @@
-"""The ``fedfm`` command line: ``fedfm simulate [CONFIG] [--set k=v ...] [--out DIR]``, ``fedfm audit RUN_DIR``."""
+"""The ``fedfm`` command line: ``simulate``, ``report``, ``audit``, ``export``, ``predict`` and ``config``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--canaries", type=int, default=0, metavar="M",
                        help="also replay each site's training with M gradient canaries for an empirical lower bound")
     audit.add_argument("--seed", type=int, default=0, help="seed of the canaries")
+    report = sub.add_parser("report", help="write report.html/.md/.json for one or more run folders")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by fedfm simulate")
+    report.add_argument("--out", default=None, help="where to write the report (default: the first RUN_DIR)")
+    add_export_and_predict(sub)
     check = sub.add_parser("config", help="validate a config and print it resolved")
     check.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -39,18 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedfm.simulate import resumable_run, run_simulation
+    from fedfm.simulate import resumable_run
+    from fedfm.study import run_study
 
     if args.resume:
         if args.overrides or args.out:
             raise ConfigError("--resume continues a run with its own config: drop --set and --out")
         config, run_dir = resumable_run(args.resume)
-        run_dir = run_simulation(config, str(run_dir), args.verbose, resume=True, until_round=args.until_round)
+        run_dir = run_study(config, str(run_dir), args.verbose, resume=True, until_round=args.until_round)
     else:
         config = load_config(args.config, args.overrides)
-        run_dir = run_simulation(config, args.out, verbose=args.verbose, until_round=args.until_round)
+        run_dir = run_study(config, args.out, verbose=args.verbose, until_round=args.until_round)
     if json.loads((run_dir / "results.json").read_text())["status"] == "complete":
         print_summary(run_dir)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedfm.report import write_report
+
+    paths = write_report(args.run_dirs, args.out or args.run_dirs[0])
+    print(f"wrote {paths['html']}, {paths['md'].name} and {paths['json'].name}")
     return 0
 
 
@@ -70,6 +83,43 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(f"  - {problem}")
     print(f"wrote {json_path} and {md_path}")
     return 0 if all(a.passed for a in audits) else 1
+
+
+def add_export_and_predict(sub) -> None:
+    export = sub.add_parser("export", help="write a run's adapter (PEFT format), or with --merge the merged model")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a completed run folder written by fedfm simulate")
+    export.add_argument("--merge", action="store_true",
+                        help="merge LoRA into the backbone weights: model.safetensors + model.json")
+    export.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/export)")
+    predict = sub.add_parser("predict", help="classify image files with a run's trained adapter")
+    predict.add_argument("run_dir", metavar="RUN_DIR", help="a completed run folder written by fedfm simulate")
+    predict.add_argument("images", nargs="+", metavar="IMAGES", help="image files (png, jpg, ...) or folders of them")
+    predict.add_argument("--out", default=None, metavar="FILE", help="also write the predictions as CSV")
+    predict.add_argument("--labels", action="store_true",
+                         help="each image's parent folder is named by its true class index: report accuracy")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedfm.export import MERGED_SPEC, MERGED_WEIGHTS, export_run
+
+    folder = export_run(args.run_dir, args.out, merge=args.merge)
+    written = f"{MERGED_WEIGHTS} + {MERGED_SPEC}" if args.merge else "PEFT adapter + fedfm_model.json"
+    print(f"wrote {written} to {folder}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fedfm.predict import format_line, predict_run, write_csv
+
+    predictions = predict_run(args.run_dir, args.images, labelled=args.labels)
+    for i, path in enumerate(predictions.files):
+        label = None if predictions.labels is None else int(predictions.labels[i])
+        print(format_line(path, predictions.probs[i], label))
+    if predictions.accuracy is not None:
+        print(f"accuracy {predictions.accuracy:.4f} on {len(predictions.files)} labelled images")
+    if args.out:
+        print(f"wrote {write_csv(predictions, args.out)}")
+    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -109,10 +159,11 @@ def _fmt(value, width: int = 7, digits: int = 4) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"simulate": cmd_simulate, "audit": cmd_audit, "config": cmd_config}
+    handlers = {"export": cmd_export, "predict": cmd_predict,
+                "simulate": cmd_simulate, "audit": cmd_audit, "report": cmd_report, "config": cmd_config}
     try:
         return handlers[args.command](args)
-    except ConfigError as err:
+    except ConfigError as err:  # also a report's ReportError
         print(f"fedfm: error: {err}", file=sys.stderr)
         return 2
     except (RuntimeError, FileNotFoundError) as err:

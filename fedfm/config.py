@@ -57,7 +57,7 @@ class ModelConfig(_Section):
 
 
 class LoraConfig(_Section):
-    variant: Literal["lora"] = "lora"
+    variant: Literal["lora", "ffa"] = "lora"  # ffa: A frozen at the seeded init, only B (+ head) trains and is sent
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -130,11 +130,18 @@ class TrainConfig(_Section):
     seed: int = 0
 
 
+BASELINES = ("local", "centralized", "centralized_nodp", "federated_nodp")
+Baseline = Literal["local", "centralized", "centralized_nodp", "federated_nodp"]
+
+
 class EvalConfig(_Section):
     batch_size: int = Field(256, ge=1)
     every_round: bool = True
     share_predictions: bool = True
     holdout_sites: list[int] = Field(default_factory=list)
+    leave_one_site_out: bool = False
+    baselines: list[Baseline] = Field(default_factory=list)
+    report: bool = True
 
 
 class OutputConfig(_Section):
@@ -176,6 +183,14 @@ class ExperimentConfig(_Section):
         if held and self.privacy.client_level:
             raise ValueError("eval.holdout_sites does not combine with privacy.level=client/both yet: "
                              "client-level DP needs every sampled site to train")
+        if self.eval.leave_one_site_out:
+            if self.data.num_sites < 2:
+                raise ValueError("eval.leave_one_site_out needs data.num_sites >= 2 (one to hold out, one to train)")
+            if self.privacy.client_level:
+                raise ValueError("eval.leave_one_site_out does not combine with privacy.level=client/both yet: "
+                                 "set privacy.level=sample or eval.leave_one_site_out=false")
+        if len(set(self.eval.baselines)) != len(self.eval.baselines):
+            raise ValueError(f"eval.baselines={self.eval.baselines} lists a baseline twice")
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedfm.config import ExperimentConfig
-from fedfm.eval.metrics import bootstrap_intervals, classification_metrics
-
-TEST_METRICS = ("auroc", "accuracy", "balanced_accuracy", "loss", "ece", "sensitivity", "specificity")
+from fedfm.eval.metrics import bootstrap_intervals, classification_metrics, reliability_curve
 from fedfm.models import load_adapter_state_dict, save_adapter
 from fedfm.site import site_name
+
+TEST_METRICS = ("auroc", "accuracy", "balanced_accuracy", "loss", "ece", "sensitivity", "specificity")
 
 
 @dataclass
@@ -110,7 +110,7 @@ class RunRecorder:
         tmp = folder / "adapter.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp))
         os.replace(tmp, folder / "adapter.safetensors")
-        _write_json(folder / "state.json", {"round": server_round + self.round_offset, "time": time.time()})
+        write_json(folder / "state.json", {"round": server_round + self.round_offset, "time": time.time()})
         self.write_results(status="running")
 
     def finalize(self, adapter: dict[str, torch.Tensor], evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
@@ -125,16 +125,16 @@ class RunRecorder:
             "config": self.config.model_dump(),
             "rounds": self.rounds,
             "sites": self._sites(evaluations or {}),
-            "pooled": _pooled(evaluations or {}),
-            "pooled_unseen": _pooled({k: v for k, v in (evaluations or {}).items() if self._held_out(k)}),
-            "pooled_seen": _pooled({k: v for k, v in (evaluations or {}).items() if not self._held_out(k)})
+            "pooled": pooled_summary(evaluations or {}),
+            "pooled_unseen": pooled_summary({k: v for k, v in (evaluations or {}).items() if self._held_out(k)}),
+            "pooled_seen": pooled_summary({k: v for k, v in (evaluations or {}).items() if not self._held_out(k)})
             if self.config.eval.holdout_sites else {},
-            "worst_site": _worst_site(evaluations or {}),
+            "worst_site": worst_site(evaluations or {}),
             "client_level": self.client_level,
             "communication": self._communication(),
             "wall_time_s": round(time.time() - self.started + self.earlier_wall_time_s, 2),
         }
-        _write_json(self.run_dir / "results.json", results)
+        write_json(self.run_dir / "results.json", results)
         return results
 
     def _sites(self, evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
@@ -147,8 +147,8 @@ class RunRecorder:
                 "n_train": int(metrics.pop("n-train", train.get("num-examples", 0))),
                 "n_val": int(metrics.pop("n-val", 0)),
                 "n_test": int(metrics.pop("n-test", 0)),
-                "test": {k: metrics[k] for k in TEST_METRICS if k in metrics},
-                "test_ci95": bootstrap_intervals(ev.probs, ev.labels) if ev is not None and ev.probs is not None else {},
+                "label_counts": {k: [int(c) for c in metrics.pop(f"label-counts-{k}", [])] for k in ("train", "val", "test")},
+                **test_summary(metrics, ev),
                 "epsilon": float(train.get("epsilon", 0.0)),
                 "delta": float(train.get("delta", 0.0)),
                 "rounds_trained": sum(site in r["participants"] for r in self.rounds),
@@ -168,7 +168,7 @@ class RunRecorder:
         }
 
 
-def _pooled(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
+def pooled_summary(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
     # site order, not arrival order: the bootstrap resamples by position
     parts = [evaluations[k] for k in sorted(evaluations, key=_site_order)]
     parts = [ev for ev in parts if ev.probs is not None and len(ev.probs)]
@@ -176,10 +176,24 @@ def _pooled(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
         return {}
     probs = np.concatenate([ev.probs for ev in parts])
     labels = np.concatenate([ev.labels for ev in parts])
-    return {**classification_metrics(probs, labels), "ci95": bootstrap_intervals(probs, labels)}
+    return {
+        **classification_metrics(probs, labels),
+        "ci95": bootstrap_intervals(probs, labels),
+        "reliability": reliability_curve(probs, labels),
+    }
 
 
-def _worst_site(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any] | None:
+def test_summary(metrics: dict[str, Any], ev: SiteEvaluation | None) -> dict[str, Any]:
+    """A site's test metrics, with bootstrap 95 % intervals and a reliability curve when it shared predictions."""
+    shared = ev is not None and ev.probs is not None and len(ev.probs) > 0
+    return {
+        "test": {k: metrics[k] for k in TEST_METRICS if k in metrics},
+        "test_ci95": bootstrap_intervals(ev.probs, ev.labels) if shared else {},
+        "reliability": reliability_curve(ev.probs, ev.labels) if shared else {},
+    }
+
+
+def worst_site(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any] | None:
     """The site with the lowest test AUROC, and the gap to the best one."""
     scored = {name: ev.metrics["auroc"] for name, ev in evaluations.items()
               if isinstance(ev.metrics.get("auroc"), float) and not math.isnan(ev.metrics["auroc"])}
@@ -204,7 +218,7 @@ def _site_order(name: str) -> tuple[int, str]:
     return (int(tail), name) if tail.isdigit() else (10**9, name)
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
+def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(_finite(payload), indent=2, default=_json_default, allow_nan=False))
     os.replace(tmp, path)

@@ -51,10 +51,12 @@ def resumable_run(run_dir: str | Path) -> tuple[ExperimentConfig, Path]:
     run_dir = Path(run_dir).expanduser().resolve()
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoint" / "state.json").is_file():
         raise ConfigError(f"--resume {run_dir}: not a run folder with a checkpoint (config.yaml, checkpoint/state.json)")
+    config = load_config(run_dir / "config.yaml")
     results = run_dir / "results.json"
-    if results.exists() and json.loads(results.read_text()).get("status") == "complete":
+    complete = results.exists() and json.loads(results.read_text()).get("status") == "complete"
+    if complete and not (config.eval.leave_one_site_out or config.eval.baselines):
         raise ConfigError(f"--resume {run_dir}: the run is already complete")
-    return load_config(run_dir / "config.yaml"), run_dir
+    return config, run_dir
 
 
 def write_run_config(config: ExperimentConfig, run_dir: Path, resume: bool = False, until_round: int = 0) -> Path:

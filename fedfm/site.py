@@ -17,7 +17,7 @@ import opacus
 import torch
 
 from fedfm.config import ExperimentConfig
-from fedfm.data import load_site
+from fedfm.data import label_counts, load_site
 from fedfm.data.types import SiteData
 from fedfm.eval.metrics import classification_metrics
 from fedfm.models import adapter_state_dict, build_model, load_adapter_state_dict
@@ -64,11 +64,13 @@ class EvalReply:
 class Site:
     """One hospital: its data, its ledger and its privacy budget."""
 
-    def __init__(self, config: ExperimentConfig, site_id: int, ledger_dir: str | Path):
+    def __init__(self, config: ExperimentConfig, site_id: int, ledger_dir: str | Path, data: SiteData | None = None):
+        """``data`` replaces the site's own split of ``config.data`` (e.g. the pooled data of a
+        centralized baseline); its ``name`` then names the site and its ledger."""
         self.config = config
         self.site_id = site_id
-        self.name = site_name(site_id)
-        self.data: SiteData = load_site(config.data, site_id)
+        self.name = data.name if data is not None else site_name(site_id)
+        self.data: SiteData = data if data is not None else load_site(config.data, site_id)
         self.ledger = SiteLedger(ledger_dir, self.name)
 
     def fresh_model(self, global_adapter: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -171,6 +173,10 @@ class Site:
 
     def sizes(self) -> dict[str, int]:
         return {"n_train": len(self.data.train), "n_val": len(self.data.val), "n_test": len(self.data.test)}
+
+    def label_counts(self) -> dict[str, list[int]]:
+        """Images of each class in each split (what the report shows as the site's label distribution)."""
+        return {split: label_counts(getattr(self.data, split), self.data.num_classes) for split in ("train", "val", "test")}
 
 
 @functools.lru_cache(maxsize=256)

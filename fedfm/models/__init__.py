@@ -8,7 +8,9 @@ from fedfm.models.lora import (
     count_parameters,
     freeze_norm_layers,
     full_model_bytes,
+    is_exchanged,
     load_adapter_state_dict,
+    lora_variant,
     save_adapter,
     state_bytes,
     train_mode,
@@ -20,9 +22,11 @@ from fedfm.models.registry import (
     build_backbone,
     register_backbone,
 )
+from fedfm.models.spec import ModelSpec, read_spec
 
 __all__ = [
     "Backbone",
+    "ModelSpec",
     "adapter_state_dict",
     "apply_lora",
     "available_backbones",
@@ -32,7 +36,10 @@ __all__ = [
     "count_parameters",
     "freeze_norm_layers",
     "full_model_bytes",
+    "is_exchanged",
     "load_adapter_state_dict",
+    "lora_variant",
+    "read_spec",
     "register_backbone",
     "save_adapter",
     "state_bytes",

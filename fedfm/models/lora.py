@@ -1,4 +1,10 @@
-"""LoRA on a backbone (peft), frozen norm layers, and the adapter state that sites and server exchange."""
+"""LoRA on a backbone (peft), frozen norm layers, and the adapter state that sites and server exchange.
+
+``lora.variant``: ``lora`` trains and exchanges A and B; ``ffa`` (FFA-LoRA, Sun et al. 2024)
+keeps every A at its seeded random init (identical at the server and every site because
+``lora.seed`` seeds it), so only B and the head train and travel, and averaging the B's averages
+the sites' weight deltas exactly (scale * B @ A is linear in B when A is shared).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,9 @@ from torch import nn
 
 from fedfm.config import ConfigError, LoraConfig, ModelConfig
 from fedfm.models.registry import Backbone, build_backbone
+from fedfm.models.spec import SPEC_ATTR, ModelSpec
+
+VARIANT_ATTR = "fedfm_lora_variant"  # attribute of the peft model that holds lora.variant
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -40,8 +49,27 @@ def apply_lora(backbone: Backbone, lora_cfg: LoraConfig) -> nn.Module:
         except ValueError as err:
             msg = str(err).splitlines()[0]
             raise ConfigError(f"lora.target_modules={target!r} does not fit backbone {backbone.name}: {msg}") from None
+    if lora_cfg.variant == "ffa":
+        _freeze_lora_a(model)
+    setattr(model, VARIANT_ATTR, lora_cfg.variant)
     _check_only_adapter_trains(model)
     return model
+
+
+def _freeze_lora_a(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(False)
+
+
+def lora_variant(model: nn.Module) -> str:
+    """The ``lora.variant`` the model was built with (``lora`` for a peft model fedfm did not wrap)."""
+    return getattr(unwrap(model), VARIANT_ATTR, "lora")
+
+
+def is_exchanged(key: str, variant: str) -> bool:
+    """Whether adapter key ``key`` travels between server and sites under ``variant`` (ffa: no lora_A)."""
+    return variant != "ffa" or ".lora_A." not in key
 
 
 def _check_only_adapter_trains(model: nn.Module) -> None:
@@ -69,9 +97,14 @@ def train_mode(model: nn.Module) -> nn.Module:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter + head tensors (fp32, CPU, contiguous, detached), keys sorted."""
+    """The exchanged adapter + head tensors (fp32, CPU, contiguous, detached), keys sorted.
+
+    With ``lora.variant=ffa`` the frozen lora_A tensors are left out: every party already holds them.
+    """
     state = get_peft_model_state_dict(unwrap(model))
-    return {k: state[k].detach().to("cpu", torch.float32).contiguous().clone() for k in sorted(state)}
+    variant = lora_variant(model)
+    keys = sorted(k for k in state if is_exchanged(k, variant))
+    return {k: state[k].detach().to("cpu", torch.float32).contiguous().clone() for k in keys}
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -80,7 +113,12 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"adapter keys do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        hint = ""
+        if any(".lora_A." in k for k in missing + unexpected):
+            hint = f" (this model has lora.variant={lora_variant(model)}: server and sites must use the same variant)"
+        raise ValueError(
+            f"adapter keys do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}{hint}"
+        )
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
     if wrong:
         raise ValueError(f"adapter shapes do not match the model: {wrong[:5]}")
@@ -106,9 +144,17 @@ def full_model_bytes(model: nn.Module) -> int:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (load with ``PeftModel.from_pretrained``)."""
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (load with ``PeftModel.from_pretrained``).
+
+    The file holds every adapter tensor, the frozen lora_A of ``ffa`` included (inference needs
+    them). A model from :func:`build_model` also gets ``fedfm_model.json`` (its :class:`ModelSpec`).
+    """
     out = Path(out_dir)
-    unwrap(model).save_pretrained(str(out))
+    peft_model = unwrap(model)
+    peft_model.save_pretrained(str(out))
+    spec = getattr(peft_model, SPEC_ATTR, None)
+    if spec is not None:
+        spec.write(out)
     return out
 
 
@@ -122,7 +168,10 @@ def build_model(
     key = json.dumps([model_cfg.model_dump(), lora_cfg.model_dump(), num_classes, in_channels, image_size])
     if key not in _CACHE:
         backbone = build_backbone(model_cfg, num_classes, in_channels, image_size)
-        _CACHE[key] = (apply_lora(backbone, lora_cfg), backbone)
+        peft_model = apply_lora(backbone, lora_cfg)
+        spec = ModelSpec(model_cfg.model_copy(), lora_cfg.model_copy(), num_classes, in_channels, image_size)
+        setattr(peft_model, SPEC_ATTR, spec)
+        _CACHE[key] = (peft_model, backbone)
     pristine, backbone = _CACHE[key]
     model = copy.deepcopy(pristine)
     return model, replace(backbone, model=model.get_base_model())

@@ -70,3 +70,17 @@ def test_bootstrap_interval_covers_the_truth_about_95_percent_of_the_time():
         lo, hi = bootstrap_intervals(probs, labels, resamples=200, seed=trial)["accuracy"]
         covered += lo <= 0.7 <= hi
     assert 0.89 <= covered / trials <= 0.99
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_auroc_matches_scikit_learn(classes):
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(classes)
+    labels = rng.integers(0, classes, 300)
+    logits = rng.normal(size=(300, classes)) + 1.5 * np.eye(classes)[labels] * rng.random((300, 1))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    expected = (sklearn_metrics.roc_auc_score(labels, probs[:, 1]) if classes == 2
+                else sklearn_metrics.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    assert auroc(probs, labels) == pytest.approx(expected, abs=1e-12)
+    assert balanced_accuracy(probs.argmax(1), labels) == pytest.approx(
+        sklearn_metrics.balanced_accuracy_score(labels, probs.argmax(1)), abs=1e-12)

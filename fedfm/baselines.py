@@ -1,0 +1,166 @@
+"""Baselines beside the federated run: the same data, the same model, the same privacy budget.
+
+- ``local``: every training site trains alone for the same rounds with DP-SGD and its own
+  budget (its own ledger), and is evaluated on its own test split.
+- ``centralized`` / ``centralized_nodp``: the training sites' data pooled in one place, trained
+  for the same rounds (with DP at the shared budget, or without), evaluated on every site's
+  test split.
+
+They run without Flower, through the same :class:`fedfm.site.Site` the ClientApp uses, so the
+training code, the accountant and the ledger are the ones of the federated run. The federated
+run without DP (``federated_nodp``) is a Flower run and lives in :mod:`fedfm.study`.
+Every baseline writes a ``results.json`` shaped like a federated run's (``sites``, ``pooled``,
+``worst_site``), which is what the report reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedfm.config import ExperimentConfig
+from fedfm.data import SiteData, Split, load_sites
+from fedfm.global_model import build_global_model
+from fedfm.models import adapter_state_dict
+from fedfm.results import SiteEvaluation, pooled_summary, test_summary, worst_site, write_json
+from fedfm.site import BudgetExhausted, Site, site_name
+
+IN_PROCESS = ("local", "centralized", "centralized_nodp")
+POOLED_SITE_ID = -1  # seeds the centralized model's sampling and noise; never a real site id
+
+
+def training_sites(config: ExperimentConfig) -> list[SiteData]:
+    """The sites the federation trains on (held-out sites never train, not even in a baseline)."""
+    return [s for s in load_sites(config.data) if s.site_id not in config.eval.holdout_sites]
+
+
+def pooled_site_data(sites: list[SiteData], name: str = "centralized") -> SiteData:
+    """One site holding every given site's train/val/test images, as a central data lake would."""
+
+    def concat(split: str) -> Split:
+        parts = [getattr(s, split) for s in sites]
+        return Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
+
+    first = sites[0]
+    return SiteData(POOLED_SITE_ID, name, concat("train"), concat("val"), concat("test"), first.num_classes, first.channels)
+
+
+def train_alone(site: Site, rounds: int, log_prefix: str = "") -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], str | None]:
+    """Train one site's adapter for ``rounds`` rounds on its own data, starting from the global init.
+
+    Returns (adapter, per-round history, why it stopped early or None). A round its budget
+    refuses ends training, as in the federation.
+    """
+    adapter = adapter_state_dict(build_global_model(site.config))
+    history: list[dict[str, Any]] = []
+    for server_round in range(1, rounds + 1):
+        try:
+            reply = site.train(adapter, server_round)
+        except BudgetExhausted as refusal:
+            return adapter, history, str(refusal)
+        adapter = reply.adapter
+        entry = {"round": server_round, "train_loss": reply.metrics["train-loss"], "epsilon": reply.metrics["epsilon"]}
+        history.append(entry)
+        print(f"[fedfm] {log_prefix}round {server_round}/{rounds}: train loss {entry['train_loss']:.4f}, "
+              f"epsilon {entry['epsilon']:.3f}", flush=True)
+    return adapter, history, None
+
+
+def evaluate_on(site: Site, adapter: dict[str, torch.Tensor], data: SiteData) -> SiteEvaluation:
+    """Evaluate ``adapter`` (trained by ``site``) on another site's test split."""
+    probe = Site(site.config, data.site_id, site.ledger.path.parent, data=data)
+    reply = probe.evaluate(adapter, "test")
+    return SiteEvaluation(dict(reply.metrics), reply.probs, reply.labels)
+
+
+def run_local_site(config: ExperimentConfig, site_id: int, out_dir: Path) -> dict[str, Any]:
+    """One site's local-only model: trained alone with its own DP budget, tested on its own test split."""
+    site = Site(config, site_id, out_dir / "ledger")
+    started = time.time()
+    adapter, history, stopped = train_alone(site, config.federation.rounds, f"local {site.name}: ")
+    evaluation = evaluate_on(site, adapter, site.data)
+    return {"site": site.name, "evaluation": evaluation, "history": history, "stopped": stopped,
+            "epsilon": history[-1]["epsilon"] if history else 0.0, "n_train": len(site.data.train),
+            "seconds": time.time() - started}
+
+
+def run_pooled(config: ExperimentConfig, private: bool, out_dir: Path) -> dict[str, Any]:
+    """The centralized model: every training site's data in one place, evaluated on every site's test split."""
+    if not private:
+        config = config.model_copy(deep=True)
+        config.privacy.enabled = False
+    sites = training_sites(config)
+    site = Site(config, POOLED_SITE_ID, out_dir / "ledger", data=pooled_site_data(sites))
+    started = time.time()
+    name = "centralized" if private else "centralized_nodp"
+    adapter, history, stopped = train_alone(site, config.federation.rounds, f"{name}: ")
+    evaluations = {site_name(s.site_id): evaluate_on(site, adapter, s) for s in load_sites(config.data)}
+    return {"site": site.name, "evaluations": evaluations, "history": history, "stopped": stopped,
+            "epsilon": history[-1]["epsilon"] if history else 0.0, "n_train": len(site.data.train),
+            "seconds": time.time() - started}
+
+
+def write_baseline_results(config: ExperimentConfig, name: str, out_dir: Path, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """``results.json`` of a baseline, in the shape of a federated run's."""
+    delta = config.privacy.delta if name != "centralized_nodp" and config.privacy.sample_level else 0.0
+    sites: dict[str, Any] = {}
+    evaluations: dict[str, SiteEvaluation] = {}
+    for part in parts:
+        per_site = part.get("evaluations") or {part["site"]: part["evaluation"]}
+        for name, ev in per_site.items():
+            metrics = dict(ev.metrics)
+            evaluations[name] = ev
+            sites[name] = {
+                "n_train": part["n_train"],
+                "n_test": int(metrics.get("n", 0)),
+                **test_summary(metrics, ev),
+                "epsilon": float(part["epsilon"]),
+                "delta": delta,
+                "trained_by": part["site"],
+                "held_out": name in {site_name(k) for k in config.eval.holdout_sites},
+            }
+    results = {
+        "status": "complete",
+        "baseline": name,
+        "config": config.model_dump(),
+        "sites": {name: sites[name] for name in sorted(sites, key=lambda n: int(n.rsplit("-", 1)[-1]))},
+        "pooled": pooled_summary(evaluations),
+        "worst_site": worst_site(evaluations),
+        "history": {p["site"]: p["history"] for p in parts},
+        "stopped_early": {p["site"]: p["stopped"] for p in parts if p["stopped"]},
+        "wall_time_s": round(sum(p["seconds"] for p in parts), 2),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "results.json", results)
+    return results
+
+
+def run_job(config_json: str, kind: str, site_id: int, out_dir: str) -> dict[str, Any]:
+    """One unit of baseline work, picklable for a process pool: a local site, or a centralized model."""
+    config = ExperimentConfig.model_validate_json(config_json)
+    if kind == "local":
+        return run_local_site(config, site_id, Path(out_dir))
+    return run_pooled(config, private=(kind == "centralized"), out_dir=Path(out_dir))
+
+
+def baseline_jobs(config: ExperimentConfig, names: list[str], root: Path) -> list[tuple[str, str, int, str]]:
+    """(baseline, kind, site id, out dir) for every unit of work of the in-process baselines in ``names``."""
+    jobs = []
+    for name in names:
+        out = str(root / name)
+        if name == "local":
+            jobs += [(name, "local", s.site_id, out) for s in training_sites(config)]
+        elif name in ("centralized", "centralized_nodp"):
+            jobs.append((name, name, POOLED_SITE_ID, out))
+    # longest first: the centralized models hold all the data
+    return sorted(jobs, key=lambda j: j[1] == "local")
+
+
+def is_complete(run_dir: Path) -> bool:
+    results = run_dir / "results.json"
+    return results.is_file() and json.loads(results.read_text()).get("status") == "complete"

@@ -1,0 +1,82 @@
+"""``fedfm export``: a run's trained adapter in PEFT format, or the backbone with LoRA merged in.
+
+The adapter export is what ``PeftModel.from_pretrained(backbone, folder)`` loads, plus
+``fedfm_model.json`` (backbone, LoRA settings, classes, channels, image size). The merged export
+is a plain state dict of the backbone (``model.safetensors``, LoRA folded into the weights by
+peft's ``merge_and_unload``) with ``model.json`` saying how to rebuild the module it loads into;
+:func:`load_merged` does that.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fedfm.config import ConfigError, ModelConfig
+from fedfm.models import ModelSpec, build_backbone
+from fedfm.run_folder import CompletedRun, load_trained_model, open_run
+
+MERGED_WEIGHTS = "model.safetensors"
+MERGED_SPEC = "model.json"
+MERGED_FORMAT = "fedfm-merged"
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, merge: bool = False) -> Path:
+    """Write the run's adapter (or, with ``merge``, the merged model) into ``out`` (default RUN_DIR/export)."""
+    run = open_run(run_dir)
+    folder = Path(out) if out is not None else run.path / "export"
+    folder.mkdir(parents=True, exist_ok=True)
+    return export_merged(run, folder) if merge else export_adapter(run, folder)
+
+
+def export_adapter(run: CompletedRun, folder: Path) -> Path:
+    """Load the run's adapter onto its backbone (so a broken one fails here) and save it in PEFT format."""
+    load_trained_model(run).save_pretrained(str(folder))
+    run.spec.write(folder)
+    return folder
+
+
+def export_merged(run: CompletedRun, folder: Path) -> Path:
+    """``model.safetensors`` (every weight of the merged backbone) + ``model.json`` (how to rebuild it)."""
+    merged = load_trained_model(run).merge_and_unload()
+    state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
+    save_file(state, str(folder / MERGED_WEIGHTS), metadata={"format": "pt"})
+    (folder / MERGED_SPEC).write_text(json.dumps(merged_description(run.spec), indent=2) + "\n")
+    return folder
+
+
+def merged_description(spec: ModelSpec) -> dict:
+    """What ``model.json`` holds: the backbone to build and the input it takes."""
+    return {
+        "format": MERGED_FORMAT,
+        "weights": MERGED_WEIGHTS,
+        "backbone": spec.model.backbone,
+        "num_classes": spec.num_classes,
+        "channels": spec.channels,
+        "image_size": spec.image_size,
+        "input": f"float32 (N, {spec.channels}, {spec.image_size}, {spec.image_size}) in [0, 1]; "
+                 "the model normalises internally",
+        "output": f"logits (N, {spec.num_classes})",
+        "lora_merged": spec.lora.model_dump(),
+    }
+
+
+def load_merged(folder: str | Path) -> nn.Module:
+    """Rebuild a merged export: the backbone's module (no peft) with every weight from the file, in eval mode."""
+    folder = Path(folder)
+    path = folder / MERGED_SPEC
+    if not path.is_file():
+        raise ConfigError(f"'{folder}' has no {MERGED_SPEC}: pass a folder written by fedfm export --merge")
+    spec = json.loads(path.read_text())
+    if spec.get("format") != MERGED_FORMAT:
+        raise ConfigError(
+            f"{path} has format {spec.get('format')!r}, not {MERGED_FORMAT!r}: write it with fedfm export --merge"
+        )
+    # every weight is in the file, so nothing pretrained is loaded first
+    model_cfg = ModelConfig(backbone=spec["backbone"], pretrained=False)
+    backbone = build_backbone(model_cfg, spec["num_classes"], spec["channels"], spec["image_size"])
+    backbone.model.load_state_dict(load_file(str(folder / spec["weights"])), strict=True)
+    return backbone.model.eval()

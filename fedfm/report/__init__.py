@@ -1,0 +1,41 @@
+"""``fedfm report RUN_DIR [RUN_DIR ...]``: one report of how the model does at every hospital.
+
+Writes ``report.json`` (every number shown), ``report.md`` (the tables) and ``report.html`` (one
+self-contained page, figures embedded, readable offline). With several run folders it adds the
+utility-privacy trade-off across them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedfm.report.collect import ReportError, collect
+from fedfm.results import write_json
+
+__all__ = ["ReportError", "build_report", "write_report"]
+
+
+def build_report(run_dirs: list[str | Path]) -> dict:
+    if not run_dirs:
+        raise ReportError("fedfm report needs at least one run folder")
+    from fedfm.report.render import timestamp
+
+    report = collect([Path(d).expanduser().resolve() for d in run_dirs])
+    report["generated"] = timestamp()
+    return report
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
+    """Write report.json, report.md and report.html into ``out_dir``; returns their paths."""
+    from fedfm.report.render import to_html, to_markdown  # matplotlib: only when a report is written
+
+    report = build_report(run_dirs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    write_json(paths["json"], report)
+    report = json.loads(paths["json"].read_text())  # render exactly what report.json holds (NaN -> null)
+    paths["md"].write_text(to_markdown(report))
+    paths["html"].write_text(to_html(report))
+    return paths

@@ -1,0 +1,217 @@
+"""Everything the report shows, gathered from run folders into one JSON-ready dict.
+
+The report never recomputes a metric: every number comes from a ``results.json`` written by a
+run (federated, leave-one-site-out or baseline). What this module adds is arrangement: one row
+per site, the trained-on x evaluated-on matrix, the baselines side by side, the curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fedfm.config import ConfigError, ExperimentConfig
+from fedfm.data.shift import site_shift_params
+
+BASELINE_ORDER = ("federated_nodp", "centralized", "centralized_nodp", "local")
+BASELINE_LABELS = {
+    "federated": "federated (DP)",
+    "federated_nodp": "federated, no DP",
+    "centralized": "centralized (DP)",
+    "centralized_nodp": "centralized, no DP",
+    "local": "local only (DP)",
+}
+
+
+class ReportError(ConfigError):
+    """A folder given to the report is not a run folder."""
+
+
+def read_results(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise ReportError(f"{run_dir} is not a run folder: it has no results.json (pass a folder that fedfm simulate wrote)")
+    results = json.loads(path.read_text())
+    if results.get("status") != "complete":
+        raise ReportError(f"{run_dir}: the run is {results.get('status')!r}, not complete "
+                          f"(finish it with fedfm simulate --resume {run_dir})")
+    return results
+
+
+def collect(run_dirs: list[Path]) -> dict[str, Any]:
+    """The report's content for one or several run folders."""
+    runs = [collect_run(Path(d)) for d in run_dirs]
+    return {"runs": runs, "tradeoff": [tradeoff_point(r) for r in runs]}
+
+
+def collect_run(run_dir: Path) -> dict[str, Any]:
+    results = read_results(run_dir)
+    config = ExperimentConfig.model_validate(results["config"])
+    return {
+        "name": run_dir.name,
+        "path": str(run_dir),
+        "summary": run_summary(config, results),
+        "sites": site_rows(config, results),
+        "pooled": _metrics_with_ci(results.get("pooled", {})),
+        "pooled_seen": _metrics_with_ci(results.get("pooled_seen", {})),
+        "pooled_unseen": _metrics_with_ci(results.get("pooled_unseen", {})),
+        "worst_site": results.get("worst_site"),
+        "reliability": {"pooled": results.get("pooled", {}).get("reliability", {}),
+                        **{s: v.get("reliability", {}) for s, v in results["sites"].items()}},
+        "rounds": round_curves(config, results),
+        "loso": loso_matrix(run_dir, results),
+        "baselines": baselines(run_dir, results),
+        "communication": results.get("communication", {}),
+        "client_level": results.get("client_level"),
+    }
+
+
+def run_summary(config: ExperimentConfig, results: dict[str, Any]) -> dict[str, Any]:
+    p, d = config.privacy, config.data
+    rounds_done = max((r["round"] for r in results.get("rounds", [])), default=0)
+    return {
+        "data": d.name or d.path or d.source if d.source != "synthetic" else "synthetic",
+        "source": d.source,
+        "sites": d.num_sites,
+        "partition": d.partition + (f" (alpha {d.alpha})" if d.partition == "dirichlet" else ""),
+        "image_size": d.image_size,
+        "site_shift": d.site_shift,
+        "backbone": config.model.backbone,
+        "adapter": f"{config.lora.variant} r={config.lora.r} alpha={config.lora.alpha}",
+        "privacy": privacy_line(config),
+        "delta": p.delta if p.sample_level else None,
+        "budget_epsilon": p.budget.epsilon if p.sample_level else None,
+        "rounds": f"{rounds_done} of {config.federation.rounds}",
+        "local_epochs": config.train.local_epochs,
+        "batch_size": config.train.batch_size,
+        "held_out_sites": [f"site-{s}" for s in config.eval.holdout_sites],
+        "stopped_early": results.get("stopped_early"),
+        "wall_time_s": results.get("wall_time_s"),
+    }
+
+
+def privacy_line(config: ExperimentConfig) -> str:
+    p = config.privacy
+    if not p.enabled:
+        return "off"
+    parts = []
+    if p.sample_level:
+        sigma = "calibrated per site" if p.noise_multiplier is None else f"sigma {p.noise_multiplier}"
+        parts.append(f"sample-level DP-SGD ({sigma}, C={p.max_grad_norm}, delta={p.delta}, {p.accountant} accountant)")
+    if p.client_level:
+        parts.append(f"client-level DP (z={p.client.noise_multiplier}, C={p.client.clipping_norm}, delta={p.client.delta})")
+    return "; ".join(parts)
+
+
+def site_rows(config: ExperimentConfig, results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, site in results["sites"].items():
+        site_id = int(name.rsplit("-", 1)[-1])
+        rows.append({
+            "site": name,
+            "held_out": site.get("held_out", False),
+            "n_train": site.get("n_train"),
+            "n_val": site.get("n_val"),
+            "n_test": site.get("n_test"),
+            "label_counts": site.get("label_counts", {}),
+            "shift": site_shift_params(site_id, config.data.site_shift, config.data.seed),
+            "metrics": _metrics_with_ci({**site.get("test", {}), "ci95": site.get("test_ci95", {})}),
+            "epsilon": site.get("epsilon"),
+            "budget": config.privacy.budget.for_site(name) if config.privacy.sample_level else None,
+            "rounds_trained": site.get("rounds_trained"),
+        })
+    return rows
+
+
+def _metrics_with_ci(block: dict[str, Any]) -> dict[str, Any]:
+    ci = block.get("ci95", {})
+    keys = ("auroc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ece", "loss")
+    return {k: {"value": block[k], "ci95": ci.get(k)} for k in keys if k in block and block[k] is not None}
+
+
+def round_curves(config: ExperimentConfig, results: dict[str, Any]) -> dict[str, Any]:
+    """Per round: train loss, validation AUROC per site, epsilon per site (carried forward when a site sat out)."""
+    rounds = results.get("rounds", [])
+    names = list(results["sites"])
+    curves: dict[str, Any] = {"round": [r["round"] for r in rounds],
+                              "train_loss": [r.get("train_loss") for r in rounds],
+                              "val_auroc": {s: [] for s in names}, "epsilon": {s: [] for s in names}}
+    spent = {s: 0.0 for s in names}
+    for r in rounds:
+        for s in names:
+            curves["val_auroc"][s].append(r.get("val", {}).get(s, {}).get("auroc"))
+            if s in r.get("train", {}):
+                spent[s] = r["train"][s].get("epsilon", spent[s])
+            curves["epsilon"][s].append(spent[s])
+    curves["budget"] = {s: config.privacy.budget.for_site(s) for s in names} if config.privacy.sample_level else {}
+    return curves
+
+
+def loso_matrix(run_dir: Path, results: dict[str, Any]) -> dict[str, Any] | None:
+    """Rows: the federation trained on all sites, then without each site; columns: test AUROC at each site."""
+    folders = sorted((run_dir / "loso").glob("without-site-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    if not folders:
+        return None
+    sites = list(results["sites"])
+    rows = [{"trained_without": None, "label": "all sites", "auroc": _aurocs(results, sites)}]
+    unseen = {}
+    for folder in folders:
+        held = f"site-{folder.name.rsplit('-', 1)[-1]}"
+        part = read_results(folder)
+        rows.append({"trained_without": held, "label": f"without {held}", "auroc": _aurocs(part, sites)})
+        unseen[held] = rows[-1]["auroc"].get(held)
+    seen = {s: rows[0]["auroc"].get(s) for s in unseen}
+    return {
+        "sites": sites,
+        "rows": rows,
+        "unseen_auroc": unseen,
+        "seen_auroc": seen,
+        "gap": {s: (seen[s] - unseen[s]) if _num(seen[s]) and _num(unseen[s]) else None for s in unseen},
+        "mean_unseen_auroc": _mean(unseen.values()),
+        "worst_unseen": min(((s, v) for s, v in unseen.items() if _num(v)), key=lambda kv: kv[1], default=(None, None)),
+    }
+
+
+def _aurocs(results: dict[str, Any], sites: list[str]) -> dict[str, float | None]:
+    return {s: results["sites"].get(s, {}).get("test", {}).get("auroc") for s in sites}
+
+
+def baselines(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """The federated run and each baseline found under ``baselines/``, per site and pooled."""
+    found = {"federated": results}
+    for name in BASELINE_ORDER:
+        folder = run_dir / "baselines" / name
+        if (folder / "results.json").is_file():
+            found[name] = read_results(folder)
+    if len(found) == 1:
+        return {}
+    out = {}
+    for name, res in found.items():
+        out[name] = {
+            "label": BASELINE_LABELS[name],
+            "pooled": _metrics_with_ci(res.get("pooled", {})),
+            "auroc": {s: v.get("test", {}).get("auroc") for s, v in res["sites"].items()},
+            "max_epsilon": max((v.get("epsilon") or 0.0 for v in res["sites"].values()), default=0.0),
+            "worst_site": res.get("worst_site"),
+            "wall_time_s": res.get("wall_time_s"),
+        }
+    return out
+
+
+def tradeoff_point(run: dict[str, Any]) -> dict[str, Any]:
+    """One run on the utility-privacy plane: the largest site epsilon against the pooled AUROC."""
+    eps = [r["epsilon"] for r in run["sites"] if r["epsilon"] and not r["held_out"]]
+    return {"run": run["name"], "max_epsilon": max(eps) if eps else 0.0,
+            "pooled_auroc": run["pooled"].get("auroc", {}).get("value"),
+            "worst_site_auroc": (run["worst_site"] or {}).get("auroc")}
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x))
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if _num(v)]
+    return sum(vals) / len(vals) if vals else None

@@ -1,0 +1,114 @@
+"""A study: the federated run, then what puts it in context: leave-one-site-out runs and baselines.
+
+Layout of a run folder::
+
+    RUN/results.json                         the federated run (as configured)
+    RUN/loso/without-site-K/results.json     the federation trained without site K (eval.leave_one_site_out)
+    RUN/baselines/<name>/results.json        local, centralized, centralized_nodp, federated_nodp
+    RUN/report.html, report.md, report.json  (eval.report)
+
+Each part is a complete run of its own, written as it finishes; ``fedfm simulate --resume RUN``
+continues a study where it stopped: finished parts are kept, an interrupted Flower run resumes
+from its checkpoint, an interrupted in-process baseline starts again (its ledger is new).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+from fedfm.baselines import IN_PROCESS, baseline_jobs, is_complete, run_job, write_baseline_results
+from fedfm.config import ExperimentConfig
+from fedfm.simulate import run_simulation
+
+
+def has_extras(config: ExperimentConfig) -> bool:
+    """Whether the config asks for more than the federated run."""
+    return config.eval.leave_one_site_out or bool(config.eval.baselines)
+
+
+def part_config(config: ExperimentConfig, holdout: list[int] | None = None, private: bool | None = None) -> ExperimentConfig:
+    """The config of one part of a study: the same experiment, one change, no study of its own."""
+    part = config.model_copy(deep=True)
+    part.eval.leave_one_site_out = False
+    part.eval.baselines = []
+    part.eval.report = False
+    part.output.dir = None
+    if holdout is not None:
+        part.eval.holdout_sites = holdout
+    if private is not None:
+        part.privacy.enabled = private
+    return part
+
+
+def loso_dir(run_dir: Path, site_id: int) -> Path:
+    return run_dir / "loso" / f"without-site-{site_id}"
+
+
+def baseline_dir(run_dir: Path, name: str) -> Path:
+    return run_dir / "baselines" / name
+
+
+def run_study(config: ExperimentConfig, out: str | None = None, verbose: bool = False,
+              resume: bool = False, until_round: int = 0) -> Path:
+    """Run the federated experiment and every part the config's ``eval`` section asks for."""
+    if resume and out is not None and is_complete(Path(out)):
+        run_dir = Path(out)
+        print(f"[fedfm] federated run already complete in {run_dir}", flush=True)
+    else:
+        run_dir = run_simulation(config, out, verbose=verbose, resume=resume, until_round=until_round)
+        if 0 < until_round < config.federation.rounds:
+            return run_dir  # paused: the rest of the study waits for --resume
+    if config.eval.leave_one_site_out:
+        for k in range(config.data.num_sites):
+            print(f"[fedfm] leave-one-site-out {k + 1}/{config.data.num_sites}: the federation without site-{k}", flush=True)
+            run_part(part_config(config, holdout=[k]), loso_dir(run_dir, k), verbose)
+    if "federated_nodp" in config.eval.baselines:
+        print("[fedfm] baseline federated_nodp: the same federation without DP", flush=True)
+        run_part(part_config(config, private=False), baseline_dir(run_dir, "federated_nodp"), verbose)
+    in_process = [name for name in config.eval.baselines if name in IN_PROCESS]
+    if in_process:
+        run_in_process_baselines(part_config(config), in_process, run_dir / "baselines")
+    if config.eval.report:
+        from fedfm.report import write_report
+
+        paths = write_report([run_dir], run_dir)
+        print(f"[fedfm] report: {paths['html']}", flush=True)
+    return run_dir
+
+
+def run_part(config: ExperimentConfig, run_dir: Path, verbose: bool) -> Path:
+    """A Flower run of a study: kept when complete, resumed when it has a checkpoint, else (re)started."""
+    if is_complete(run_dir):
+        print(f"[fedfm]   already complete: {run_dir}", flush=True)
+        return run_dir
+    if (run_dir / "checkpoint" / "state.json").is_file():
+        return run_simulation(config, str(run_dir), verbose=verbose, resume=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return run_simulation(config, str(run_dir), verbose=verbose)
+
+
+def run_in_process_baselines(config: ExperimentConfig, names: list[str], root: Path) -> None:
+    """Train the local and centralized baselines in a pool of processes, one per CPU."""
+    todo = [name for name in names if not is_complete(root / name)]
+    for name in todo:
+        shutil.rmtree(root / name, ignore_errors=True)  # a half-done baseline restarts with a fresh ledger
+    jobs = baseline_jobs(config, todo, root)
+    if not jobs:
+        return
+    workers = max(1, min(len(jobs), (os.cpu_count() or 1) // config.train.threads))
+    print(f"[fedfm] baselines {', '.join(todo)}: {len(jobs)} trainings on {workers} processes", flush=True)
+    parts: dict[str, list] = {name: [] for name in todo}
+    config_json = config.to_json()
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(run_job, config_json, kind, site_id, out): name for name, kind, site_id, out in jobs}
+        for future in as_completed(futures):
+            parts[futures[future]].append(future.result())
+    for name in todo:
+        results = write_baseline_results(config, name, root / name, parts[name])
+        auroc = results["pooled"].get("auroc")
+        print(f"[fedfm] baseline {name}: pooled test AUROC {auroc:.4f}" if auroc is not None
+              else f"[fedfm] baseline {name}: done", flush=True)
