@@ -7,6 +7,7 @@ from flwr.clientapp import ClientApp
 
 from fedfm.appconfig import apply_node_config, experiment_from_run_config, ledger_dir, site_id_from_node_config
 from fedfm.site import BUDGET_REFUSED, HELD_OUT, BudgetExhausted, HeldOut, Site
+from fedfm.transport import encode
 
 app = ClientApp()
 
@@ -28,7 +29,8 @@ def train(msg: Message, context: Context) -> Message:
         return Message(error=Error(code=BUDGET_REFUSED, reason=str(refusal)), reply_to=msg)
     except HeldOut as refusal:
         return Message(error=Error(code=HELD_OUT, reason=str(refusal)), reply_to=msg)
-    content = RecordDict({"arrays": ArrayRecord(reply.adapter), "metrics": MetricRecord(reply.metrics)})
+    sent = encode(reply.adapter, site.config.federation.transport)
+    content = RecordDict({"arrays": ArrayRecord(sent), "metrics": MetricRecord(reply.metrics)})
     return Message(content=content, reply_to=msg)
 
 

@@ -1,4 +1,4 @@
-"""The ``fedfm`` command line: ``simulate``, ``report``, ``audit``, ``export``, ``predict`` and ``config``."""
+"""The ``fedfm`` command line: ``simulate``, ``report``, ``audit``, ``export``, ``predict``, ``deploy``, ``bench``, ``config``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by fedfm simulate")
     report.add_argument("--out", default=None, help="where to write the report (default: the first RUN_DIR)")
     add_export_and_predict(sub)
+    add_deploy(sub)
+    bench = sub.add_parser("bench", help="measure DP overhead, bytes per update, simulation scale, deployment latency")
+    bench.add_argument("--quick", action="store_true", help="fewer steps and sites (minutes, not an hour)")
+    bench.add_argument("--out", default="runs/bench", help="where to write bench.json (default: runs/bench)")
+    bench.add_argument("--only", default=None, metavar="PARTS", help="comma-separated subset of steps,comm,scale,deploy")
     check = sub.add_parser("config", help="validate a config and print it resolved")
     check.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -99,6 +104,52 @@ def add_export_and_predict(sub) -> None:
                          help="each image's parent folder is named by its true class index: report accuracy")
 
 
+def add_deploy(sub) -> None:
+    deploy = sub.add_parser("deploy", help="set up or run a deployment across hospital sites")
+    actions = deploy.add_subparsers(dest="action", required=True)
+    init = actions.add_parser("init", help="write a CA, the SuperLink certificate, site keys and env files")
+    init.add_argument("--sites", type=int, required=True, help="number of hospital sites")
+    init.add_argument("--out", default="deployment", help="output folder (default: ./deployment)")
+    init.add_argument("--name", dest="names", action="append", default=[], metavar="HOST",
+                      help="host name or IP the sites dial for the SuperLink (repeatable; first one is used in the steps)")
+    init.add_argument("--budget", type=float, default=8.0, help="each site's epsilon budget in its env file")
+    local = actions.add_parser("local", help="run the deployment as local processes on loopback (TLS + auth)")
+    local.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="experiment YAML")
+    local.add_argument("--sites", type=int, default=None, help="number of sites (default: data.num_sites)")
+    local.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    local.add_argument("--out", default=None, help="run folder (default: runs/<output.name>-<timestamp>)")
+    local.add_argument("--verbose", action="store_true", help="show Flower's full log")
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    if args.action == "init":
+        from fedfm.deploy.init import init_deployment
+
+        dep = init_deployment(args.out, args.sites, args.names, args.budget)
+        print((dep.root / "STEPS.md").read_text())
+        print(f"wrote {dep.root}: keep certs/ca.key and every keys/site-K private; hand site K only its own files")
+        return 0
+    from fedfm.deploy.local import deploy_local
+
+    overrides = list(args.overrides) + ([f"data.num_sites={args.sites}"] if args.sites else [])
+    run_dir = deploy_local(load_config(args.config, overrides), args.out, verbose=args.verbose)
+    print_summary(run_dir)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fedfm.bench import PARTS, run_bench, tables
+
+    parts = tuple(p.strip() for p in args.only.split(",")) if args.only else PARTS
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ConfigError(f"--only {args.only}: unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    report = run_bench(Path(args.out), quick=args.quick, parts=parts)
+    print(tables(report))
+    print(f"wrote {Path(args.out) / 'bench.json'}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from fedfm.export import MERGED_SPEC, MERGED_WEIGHTS, export_run
 
@@ -160,7 +211,8 @@ def _fmt(value, width: int = 7, digits: int = 4) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"export": cmd_export, "predict": cmd_predict,
-                "simulate": cmd_simulate, "audit": cmd_audit, "report": cmd_report, "config": cmd_config}
+                "simulate": cmd_simulate, "audit": cmd_audit, "report": cmd_report, "config": cmd_config,
+                "deploy": cmd_deploy, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except ConfigError as err:  # also a report's ReportError

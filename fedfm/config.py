@@ -117,6 +117,9 @@ class FederationConfig(_Section):
     min_train_sites: int = Field(1, ge=1)
     client_cpus: int = Field(1, ge=1)
     round_timeout_s: float = Field(3600.0, gt=0)
+    site_wait_s: float = Field(600.0, ge=0)
+    transport: Literal["fp32", "fp16"] = "fp32"
+    ray_address: str | None = None
 
 
 class TrainConfig(_Section):
@@ -141,6 +144,7 @@ class EvalConfig(_Section):
     holdout_sites: list[int] = Field(default_factory=list)
     leave_one_site_out: bool = False
     baselines: list[Baseline] = Field(default_factory=list)
+    baseline_overrides: dict[Baseline, list[str]] = Field(default_factory=dict)
     report: bool = True
 
 
@@ -191,6 +195,14 @@ class ExperimentConfig(_Section):
                                  "set privacy.level=sample or eval.leave_one_site_out=false")
         if len(set(self.eval.baselines)) != len(self.eval.baselines):
             raise ValueError(f"eval.baselines={self.eval.baselines} lists a baseline twice")
+        for name, items in self.eval.baseline_overrides.items():
+            try:  # checked now, not after the federated run has finished
+                raw = apply_overrides(self.model_dump(mode="json"), items)
+                raw["eval"]["baseline_overrides"] = {}
+                ExperimentConfig.model_validate(raw)
+            except (ConfigError, ValidationError) as err:
+                detail = _format_error(err) if isinstance(err, ValidationError) else str(err)
+                raise ValueError(f"eval.baseline_overrides.{name}={items}: {detail}") from None
 
     def to_json(self) -> str:
         return self.model_dump_json()

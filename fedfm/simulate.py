@@ -72,12 +72,10 @@ def write_run_config(config: ExperimentConfig, run_dir: Path, resume: bool = Fal
 
 
 def federation_config(config: ExperimentConfig) -> str:
-    cpus = max(1, os.cpu_count() or 1)
-    return (
-        f"num-supernodes={config.data.num_sites} "
-        f"client-resources-num-cpus={config.federation.client_cpus} "
-        f"init-args-num-cpus={cpus}"
-    )
+    base = f"num-supernodes={config.data.num_sites} client-resources-num-cpus={config.federation.client_cpus}"
+    if config.federation.ray_address:
+        return base  # an existing Ray cluster brings its own resources (RAY_ADDRESS, see simulation_env)
+    return f"{base} init-args-num-cpus={max(1, os.cpu_count() or 1)}"
 
 
 def flwr_command(config: ExperimentConfig, run_config: Path) -> list[str]:
@@ -99,6 +97,9 @@ def simulation_env(config: ExperimentConfig) -> dict[str, str]:
     env["OMP_NUM_THREADS"] = str(config.train.threads)
     env["MKL_NUM_THREADS"] = str(config.train.threads)
     env.setdefault("RAY_DEDUP_LOGS", "0")
+    if config.federation.ray_address:
+        # Flower's Ray backend calls ray.init(), which joins the cluster RAY_ADDRESS names
+        env["RAY_ADDRESS"] = config.federation.ray_address
     return env
 
 
@@ -119,6 +120,12 @@ def run_simulation(
     run_dir = Path(out).resolve() if resume else prepare_run_dir(config, out)
     command = flwr_command(config, write_run_config(config, run_dir, resume, until_round))
     superlink_was_up = _port_open(LOCAL_SUPERLINK_PORT)
+    if superlink_was_up and config.federation.ray_address:
+        raise ConfigError(
+            f"federation.ray_address={config.federation.ray_address!r} needs a fresh local SuperLink, but one is "
+            f"already running on port {LOCAL_SUPERLINK_PORT} (it would keep its own Ray): stop it with "
+            "python -c 'from fedfm.simulate import stop_local_superlink; stop_local_superlink()'"
+        )
     print(f"[fedfm] {config.data.num_sites} sites, {config.federation.rounds} rounds -> {run_dir}", flush=True)
     log_path = run_dir / ("flwr-resumed.log" if resume else "flwr.log")
     try:

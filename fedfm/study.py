@@ -21,7 +21,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from fedfm.baselines import IN_PROCESS, baseline_jobs, is_complete, run_job, write_baseline_results
-from fedfm.config import ExperimentConfig
+from fedfm.config import ExperimentConfig, apply_overrides, validate_config
 from fedfm.simulate import run_simulation
 
 
@@ -42,6 +42,13 @@ def part_config(config: ExperimentConfig, holdout: list[int] | None = None, priv
     if private is not None:
         part.privacy.enabled = private
     return part
+
+
+def baseline_config(config: ExperimentConfig, name: str) -> ExperimentConfig:
+    """A baseline's config: the experiment, without DP for the *_nodp ones, plus eval.baseline_overrides[name]."""
+    part = part_config(config, private=False if name.endswith("_nodp") else None)
+    extra = config.eval.baseline_overrides.get(name, [])
+    return validate_config(apply_overrides(part.model_dump(mode="json"), extra)) if extra else part
 
 
 def loso_dir(run_dir: Path, site_id: int) -> Path:
@@ -68,10 +75,10 @@ def run_study(config: ExperimentConfig, out: str | None = None, verbose: bool = 
             run_part(part_config(config, holdout=[k]), loso_dir(run_dir, k), verbose)
     if "federated_nodp" in config.eval.baselines:
         print("[fedfm] baseline federated_nodp: the same federation without DP", flush=True)
-        run_part(part_config(config, private=False), baseline_dir(run_dir, "federated_nodp"), verbose)
+        run_part(baseline_config(config, "federated_nodp"), baseline_dir(run_dir, "federated_nodp"), verbose)
     in_process = [name for name in config.eval.baselines if name in IN_PROCESS]
     if in_process:
-        run_in_process_baselines(part_config(config), in_process, run_dir / "baselines")
+        run_in_process_baselines(config, in_process, run_dir / "baselines")
     if config.eval.report:
         from fedfm.report import write_report
 
@@ -96,19 +103,20 @@ def run_in_process_baselines(config: ExperimentConfig, names: list[str], root: P
     todo = [name for name in names if not is_complete(root / name)]
     for name in todo:
         shutil.rmtree(root / name, ignore_errors=True)  # a half-done baseline restarts with a fresh ledger
-    jobs = baseline_jobs(config, todo, root)
+    configs = {name: baseline_config(config, name) for name in todo}
+    jobs = baseline_jobs(part_config(config), todo, root)
     if not jobs:
         return
     workers = max(1, min(len(jobs), (os.cpu_count() or 1) // config.train.threads))
     print(f"[fedfm] baselines {', '.join(todo)}: {len(jobs)} trainings on {workers} processes", flush=True)
     parts: dict[str, list] = {name: [] for name in todo}
-    config_json = config.to_json()
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(run_job, config_json, kind, site_id, out): name for name, kind, site_id, out in jobs}
+        futures = {pool.submit(run_job, configs[name].to_json(), kind, site_id, out): name
+                   for name, kind, site_id, out in jobs}
         for future in as_completed(futures):
             parts[futures[future]].append(future.result())
     for name in todo:
-        results = write_baseline_results(config, name, root / name, parts[name])
+        results = write_baseline_results(configs[name], name, root / name, parts[name])
         auroc = results["pooled"].get("auroc")
         print(f"[fedfm] baseline {name}: pooled test AUROC {auroc:.4f}" if auroc is not None
               else f"[fedfm] baseline {name}: done", flush=True)

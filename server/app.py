@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict, full_model_bytes
 from fedfm.results import RunRecorder, SiteEvaluation
 from fedfm.site import site_name
+from fedfm.transport import encode
 from server.strategy import build_strategy
 
 app = ServerApp()
@@ -31,6 +33,7 @@ def main(grid: Grid, context: Context) -> None:
         done, initial = recorder.resume()
     last = min(int(context.run_config.get("until-round", 0) or fed.rounds), fed.rounds)
     strategy = build_strategy(config, recorder, list(initial))
+    wait_for_sites(grid, config.data.num_sites, fed.site_wait_s)
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         if server_round > 0 and (config.output.checkpoint_every_round or server_round + done == last):
@@ -51,11 +54,28 @@ def main(grid: Grid, context: Context) -> None:
         recorder.write_results(status="paused")
         print(f"[fedfm] paused after round {last}: continue with fedfm simulate --resume {run_dir}", flush=True)
         return
-    evaluations = evaluate_on_test(grid, final, config.eval.share_predictions, fed.round_timeout_s)
-    recorder.record_transfer(final.count_bytes(), len(evaluations))
+    sent = ArrayRecord(encode(final.to_torch_state_dict(), fed.transport))
+    evaluations = evaluate_on_test(grid, sent, config.eval.share_predictions, fed.round_timeout_s)
+    recorder.record_transfer(sent.count_bytes(), len(evaluations))
     results = recorder.finalize(final.to_torch_state_dict(), evaluations)
     pooled = results["pooled"].get("auroc")
     print(f"[fedfm] done: pooled test AUROC {pooled}, results in {run_dir}", flush=True)
+
+
+def wait_for_sites(grid: Grid, expected: int, timeout: float) -> int:
+    """Wait until every site is connected, or ``timeout`` seconds; returns how many are."""
+    deadline = time.time() + timeout
+    last_report = 0.0
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= expected or time.time() >= deadline:
+            if connected < expected:
+                print(f"[fedfm] {connected} of {expected} sites connected after {timeout:.0f} s: starting with them", flush=True)
+            return connected
+        if time.time() - last_report >= 10:
+            print(f"[fedfm] waiting for sites: {connected} of {expected} connected", flush=True)
+            last_report = time.time()
+        time.sleep(1)
 
 
 def evaluate_on_test(grid: Grid, arrays: ArrayRecord, predictions: bool, timeout: float) -> dict[str, SiteEvaluation]:

@@ -23,6 +23,7 @@ from fedfm.privacy.audit import DP_ACCOUNTING_RDP
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.results import RunRecorder
 from fedfm.site import BUDGET_REFUSED, HELD_OUT, site_name
+from fedfm.transport import decode, encode
 
 log = logging.getLogger("fedfm")
 
@@ -60,23 +61,32 @@ class Bookkeeping:
             return []
         messages = [m for m in super().configure_train(server_round, arrays, config, grid)
                     if m.metadata.dst_node_id not in self.held_out]
-        self.recorder.record_transfer(arrays.count_bytes(), len(messages))
+        return self.outgoing(messages)
+
+    def outgoing(self, messages: list[Message]) -> list[Message]:
+        """Put each message's adapter in the wire format (federation.transport) and count its bytes."""
+        transport = self.recorder.config.federation.transport
+        for message in messages:
+            arrays = message.content["arrays"]
+            if transport != "fp32":
+                arrays = ArrayRecord(encode(arrays.to_torch_state_dict(), transport))
+                message.content["arrays"] = arrays
+            self.recorder.record_transfer(arrays.count_bytes(), 1)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.recorder.stopped is not None:
             return []
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self.recorder.record_transfer(arrays.count_bytes(), len(messages))
-        return messages
+        return self.outgoing(list(super().configure_evaluate(server_round, arrays, config, grid)))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         self._train, self._refused = {}, {}
         if self.recorder.stopped is not None:
             return None, None
         kept = self.screen(server_round, replies)
-        if kept:
-            self.recorder.record_transfer(kept[0].content["arrays"].count_bytes(), len(kept))
+        for msg in kept:  # count what crossed the network, then average in fp32
+            self.recorder.record_transfer(msg.content["arrays"].count_bytes(), 1)
+            msg.content["arrays"] = ArrayRecord(decode(msg.content["arrays"].to_torch_state_dict()))
         return super().aggregate_train(server_round, kept)
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
@@ -192,7 +202,9 @@ def build_strategy(config: ExperimentConfig, recorder: RunRecorder, adapter_keys
         fraction_evaluate=fed.fraction_evaluate if config.eval.every_round else 0.0,
         min_train_nodes=fed.min_train_sites,
         min_evaluate_nodes=1,
-        min_available_nodes=config.data.num_sites,
+        # rounds go on with the sites that are connected (a site that dies drops out); the ServerApp
+        # waits for every site once, before the first round (federation.site_wait_s)
+        min_available_nodes=fed.min_train_sites,
     )
     if config.privacy.client_level:
         sampled = max(int(config.data.num_sites * fed.fraction_train), fed.min_train_sites)

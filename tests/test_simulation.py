@@ -159,3 +159,23 @@ def test_a_held_out_site_never_trains_and_is_evaluated_as_unseen(tmp_path):
     assert held["n_test"] > 0 and "auroc" in held["test"]
     assert results["pooled_unseen"]["n"] == held["n_test"]
     assert results["pooled_seen"]["n"] == results["sites"]["site-0"]["n_test"] + results["sites"]["site-1"]["n_test"]
+
+
+def test_tiny_dinov2_from_a_folder_trains_in_a_two_site_simulation(tmp_path):
+    """hf:<dir>: a DINOv2 saved with save_pretrained (as a downloaded checkpoint is) federates end to end."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    folder = tmp_path / "dinov2-tiny"
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8, num_channels=3)).save_pretrained(folder)
+    out, results = _run(
+        tmp_path, REPO / "configs" / "quickstart.yaml",
+        "data.num_sites=2", "federation.rounds=2", "data.samples_per_site=80", "data.image_size=16",
+        f"model.backbone=hf:{folder}", "eval.report=false",
+    )
+    assert results["status"] == "complete" and results["config"]["model"]["backbone"] == f"hf:{folder}"
+    assert all(r["participants"] == ["site-0", "site-1"] for r in results["rounds"])
+    assert all(0 < s["epsilon"] <= 8 for s in results["sites"].values())
+    first = load_file(str(out / "checkpoint" / "adapter.safetensors"))
+    assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in first.items())  # the adapter trained

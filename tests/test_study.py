@@ -7,6 +7,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedfm.cli import main
 from fedfm.privacy.ledger import SiteLedger
@@ -15,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 STUDY = [
     "data.num_sites=2", "federation.rounds=2", "data.samples_per_site=120", "data.image_size=16",
     "eval.leave_one_site_out=true", "eval.baselines=[local, centralized, centralized_nodp, federated_nodp]",
+    "federation.transport=fp16", "eval.baseline_overrides={centralized_nodp: [train.lr=0.001]}",
 ]
 
 
@@ -52,6 +54,16 @@ def test_leave_one_site_out_never_trains_on_the_held_out_site(study):
         assert [e["round"] for e in SiteLedger(part / "ledger", other).verify()] == [1, 2]
 
 
+def test_fp16_transport_sends_half_the_bytes_and_keeps_an_fp32_adapter(study):
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(study / "checkpoint" / "adapter.safetensors"))
+    fp32_bytes = sum(t.numel() * 4 for t in adapter.values())
+    assert all(t.dtype == torch.float32 for t in adapter.values())
+    update = _results(study)["communication"]["update_bytes"]
+    assert fp32_bytes / 2 <= update < 0.55 * fp32_bytes  # tensors in fp16 plus a small per-tensor header
+
+
 def test_baselines_train_on_what_they_claim(study):
     main_run = _results(study)
     n_total = sum(s["n_train"] for s in main_run["sites"].values())
@@ -67,6 +79,7 @@ def test_baselines_train_on_what_they_claim(study):
     assert SiteLedger(study / "baselines" / "centralized" / "ledger", "centralized").verify()[-1]["n_train"] == n_total
     assert 0 < central["sites"]["site-0"]["epsilon"] <= 8.0
     nodp = _results(study / "baselines" / "centralized_nodp")
+    assert nodp["config"]["train"]["lr"] == 0.001 and central["config"]["train"]["lr"] != 0.001  # its own override
     assert all(s["epsilon"] == 0.0 for s in nodp["sites"].values())
     assert not (study / "baselines" / "centralized_nodp" / "ledger").exists()
     fed_nodp = _results(study / "baselines" / "federated_nodp")

@@ -155,13 +155,15 @@ def loso_matrix(run_dir: Path, results: dict[str, Any]) -> dict[str, Any] | None
     if not folders:
         return None
     sites = list(results["sites"])
-    rows = [{"trained_without": None, "label": "all sites", "auroc": _aurocs(results, sites)}]
+    held = results["config"]["eval"]["holdout_sites"]
+    label = "all sites" if not held else "main run (without " + ", ".join(f"site-{k}" for k in held) + ")"
+    rows = [{"trained_without": None, "label": label, "auroc": _aurocs(results, sites)}]
     unseen = {}
     for folder in folders:
-        held = f"site-{folder.name.rsplit('-', 1)[-1]}"
+        left_out = f"site-{folder.name.rsplit('-', 1)[-1]}"
         part = read_results(folder)
-        rows.append({"trained_without": held, "label": f"without {held}", "auroc": _aurocs(part, sites)})
-        unseen[held] = rows[-1]["auroc"].get(held)
+        rows.append({"trained_without": left_out, "label": f"without {left_out}", "auroc": _aurocs(part, sites)})
+        unseen[left_out] = rows[-1]["auroc"].get(left_out)
     seen = {s: rows[0]["auroc"].get(s) for s in unseen}
     return {
         "sites": sites,

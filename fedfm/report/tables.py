@@ -20,7 +20,10 @@ class Table:
 
 
 def num(x: Any, digits: int = 4) -> str:
-    return f"{x:.{digits}f}" if isinstance(x, (int, float)) and x == x else "-"
+    if not isinstance(x, (int, float)) or x != x:
+        return "-"
+    text = f"{x:.{digits}f}"
+    return text.lstrip("-") if float(text) == 0 else text  # no "-0.0000"
 
 
 def with_ci(entry: dict[str, Any] | None) -> str:

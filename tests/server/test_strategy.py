@@ -72,3 +72,23 @@ def test_aggregation_is_weighted_by_examples_and_drops_bad_replies(setup):
         assert np.allclose(averaged[key].numpy(), 1.5)  # (30 * 1 + 10 * 3) / 40
     assert sorted(strategy._train) == ["site-0", "site-1"]
     assert any("not finite" in reason for reason in strategy._refused.values())
+
+
+def test_fp16_transport_halves_the_bytes_and_averages_in_fp32(tmp_path):
+    config = load_config(None, ["data.num_sites=2", "data.samples_per_site=60", "data.image_size=16",
+                                "federation.transport=fp16"])
+    model = build_global_model(config)
+    recorder = RunRecorder(config, tmp_path, model, full_model_bytes(model))
+    adapter = adapter_state_dict(model)
+    strategy = AdapterFedAvg(recorder, adapter_keys=list(adapter))
+    # a site's reply as the ClientApp sends it under fp16 transport
+    a = {k: (torch.rand_like(v) / 3).half() for k, v in adapter.items()}
+    b = {k: (torch.rand_like(v) / 3).half() for k, v in adapter.items()}
+    arrays, _ = strategy.aggregate_train(1, [_Reply(_content(a, 0, 30), 0), _Reply(_content(b, 1, 10), 1)])
+    averaged = arrays.to_torch_state_dict()
+    fp32_bytes = ArrayRecord(adapter).count_bytes()
+    assert abs(recorder.update_bytes - fp32_bytes / 2) < 0.05 * fp32_bytes  # the payload is the tensors
+    for key in adapter:
+        assert averaged[key].dtype == torch.float32
+        expected = (30 * a[key].float() + 10 * b[key].float()) / 40  # fp32 average of what was sent
+        assert torch.allclose(averaged[key], expected, atol=1e-6)

@@ -1,0 +1,169 @@
+"""The deployment runtime on loopback with TLS and node authentication, and the faults it survives.
+
+Every ClientApp call in a deployment is a fresh process (torch import, model build), so these
+runs take minutes: the module is marked ``slow`` and runs in CI with ``pytest -m slow``.
+"""
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from fedfm.cli import main
+from fedfm.config import load_config
+from fedfm.deploy.init import init_deployment
+from fedfm.deploy.local import LocalDeployment, site_node_config
+from fedfm.privacy.audit import audit_run
+from fedfm.privacy.ledger import SiteLedger
+from fedfm.simulate import prepare_run_dir, write_run_config
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["data.samples_per_site=120", "data.image_size=16", "train.batch_size=16"]
+
+# Loaded by every Python process of the SuperNode it is given to (PYTHONPATH), so that site's
+# ClientApp sends back non-finite adapter weights: a broken or malicious site, without a switch
+# for it in fedfm itself.
+NON_FINITE_SITE = '''
+import fedfm.site as site_module
+
+_train = site_module.Site.train
+
+def _poisoned(self, global_adapter, server_round):
+    reply = _train(self, global_adapter, server_round)
+    key = sorted(reply.adapter)[0]
+    reply.adapter[key].fill_(float("nan"))
+    return reply
+
+site_module.Site.train = _poisoned
+'''
+
+
+def _config(*overrides):
+    return load_config(REPO / "configs" / "quickstart.yaml", [*TINY, *overrides])
+
+
+def _in_thread(fn, *args):
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("value", fn(*args)), daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_deploy_local_three_sites_with_tls_and_auth_matches_simulation_in_form(tmp_path):
+    out = tmp_path / "run"
+    args = ["deploy", "local", "--sites", "3", "--out", str(out), "--set", "federation.rounds=2"]
+    for item in TINY:
+        args += ["--set", item]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "complete" and [r["round"] for r in results["rounds"]] == [1, 2]
+    assert all(r["participants"] == ["site-0", "site-1", "site-2"] for r in results["rounds"])
+    # the same sections and per-site fields as a simulation run's results.json
+    assert set(results) >= {"rounds", "sites", "pooled", "worst_site", "communication", "config"}
+    for name in ("site-0", "site-1", "site-2"):
+        site = results["sites"][name]
+        assert set(site) >= {"n_train", "n_test", "test", "test_ci95", "epsilon", "reliability", "label_counts"}
+        entries = SiteLedger(out / "ledger", name).verify()
+        assert [e["round"] for e in entries] == [1, 2] and entries[-1]["epsilon"] == site["epsilon"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # TLS and authentication were on: the SuperLink got the certificate and the auth flag
+    log = (out / "deployment" / "superlink.log").read_text()
+    assert "https://127.0.0.1" in log
+    assert all(a.passed for a in audit_run(out))
+
+
+def test_unregistered_site_refused_non_finite_update_rejected_killed_site_survived(tmp_path):
+    config = _config("data.num_sites=3", "federation.rounds=2", "federation.round_timeout_s=240")
+    run_dir = prepare_run_dir(config, str(tmp_path / "run"))
+    dep = init_deployment(run_dir / "deployment", sites=4)  # site-3's key is never registered
+    poison = tmp_path / "poison"
+    poison.mkdir()
+    (poison / "sitecustomize.py").write_text(NON_FINITE_SITE)
+    with LocalDeployment(dep, run_dir / "deployment") as local:
+        local.start_superlink()
+        for site in (0, 1, 2):
+            local.register(site)
+        local.start_supernode(0, site_node_config(config, 0, run_dir / "ledger"))
+        local.start_supernode(1, site_node_config(config, 1, run_dir / "ledger"))
+        local.start_supernode(2, site_node_config(config, 2, run_dir / "ledger"), env={"PYTHONPATH": str(poison)})
+        intruder = local.start_supernode(3, {"site-id": 3, "ledger-dir": str(run_dir / "ledger")})
+        local.wait_online([0, 1, 2])
+
+        thread, box = _in_thread(local.run_app, write_run_config(config, run_dir), run_dir / "flwr.log")
+        # site-1 dies during round 2 (after its round-1 ledger entry, once round 2 was sent)
+        _wait_for(lambda: (run_dir / "checkpoint" / "state.json").exists(), 900, "round 1 to finish")
+        local.kill("site-1")
+        thread.join(timeout=1200)
+        assert not thread.is_alive() and box["value"] == 0
+
+        # the unregistered site never got in
+        assert intruder.poll() is not None and intruder.returncode != 0
+        assert "Failed to activate SuperNode" in (run_dir / "deployment" / "site-3.log").read_text()
+        assert local.node_ids.keys() == {0, 1, 2}
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "complete" and [r["round"] for r in results["rounds"]] == [1, 2]
+    first, second = results["rounds"]
+    assert first["participants"] == ["site-0", "site-1"]  # site-2's update was rejected
+    assert second["participants"] == ["site-0"]  # site-1 was killed, site-2 rejected again
+    rejected = [reason for r in results["rounds"] for reason in r["refused"].values() if "not finite" in reason]
+    assert len(rejected) == 2
+    assert "site-3" not in results["sites"]
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert all(math.isfinite(float(t.abs().sum())) for t in adapter.values())
+    assert [e["round"] for e in SiteLedger(run_dir / "ledger", "site-0").verify()] == [1, 2]
+
+
+def test_coordinator_restart_resumes_from_its_checkpoint_with_ledgers_intact(tmp_path):
+    # fixed noise and a roomy budget: a round the coordinator loses still spends privacy, and must not
+    # push a site over its budget in this test
+    config = _config("data.num_sites=2", "federation.rounds=3", "privacy.noise_multiplier=1.0",
+                     "privacy.budget.epsilon=100", "privacy.accountant=rdp")
+    run_dir = prepare_run_dir(config, str(tmp_path / "run"))
+    dep = init_deployment(run_dir / "deployment", sites=2)
+    with LocalDeployment(dep, run_dir / "deployment") as local:
+        local.start_superlink()
+        for site in (0, 1):
+            local.register(site)
+            local.start_supernode(site, site_node_config(config, site, run_dir / "ledger"))
+        local.wait_online([0, 1])
+        thread, box = _in_thread(local.run_app, write_run_config(config, run_dir), run_dir / "flwr.log")
+        _wait_for(lambda: (run_dir / "checkpoint" / "state.json").exists(), 900, "round 1 to finish")
+        local.kill("superlink")  # the coordinator crashes (SuperLink and ServerApp)
+        thread.join(timeout=120)
+        assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"] >= 1
+        done_before = json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"]
+
+        local.start_superlink()  # same database, same port: registered sites reconnect by themselves
+        local.wait_online([0, 1], timeout=300)
+        code = local.run_app(write_run_config(config, run_dir, resume=True), run_dir / "flwr-resumed.log")
+        assert code == 0
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "complete"
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
+    assert done_before < 3
+    for name in ("site-0", "site-1"):
+        entries = SiteLedger(run_dir / "ledger", name).verify()  # hash chain intact across the crash
+        rounds = [e["round"] for e in entries]
+        # a round the crashed coordinator had sent may have been trained (and spent) before it died
+        assert rounds in ([1, 2, 3], [1, 2, 2, 3]) or rounds[: done_before] == list(range(1, done_before + 1))
+        assert rounds[-1] == 3
+        assert results["sites"][name]["epsilon"] == entries[-1]["epsilon"]
+    # epsilon continues exactly: an independent recomputation over the whole ledger agrees
+    assert all(a.passed for a in audit_run(run_dir))
