@@ -62,7 +62,18 @@ def measure(backbone: str, mode: str, image_size: int, batch: int, steps: int, t
     seconds = (time.perf_counter() - started) / steps
     return {"backbone": backbone, "mode": mode, "image_size": image_size, "batch": batch,
             "trainable_params": sum(p.numel() for p in params), "seconds_per_step": seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _loader(batch: int, image_size: int):
