@@ -133,7 +133,6 @@ class TrainConfig(_Section):
     seed: int = 0
 
 
-BASELINES = ("local", "centralized", "centralized_nodp", "federated_nodp")
 Baseline = Literal["local", "centralized", "centralized_nodp", "federated_nodp"]
 
 

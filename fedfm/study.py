@@ -25,11 +25,6 @@ from fedfm.config import ExperimentConfig, apply_overrides, validate_config
 from fedfm.simulate import run_simulation
 
 
-def has_extras(config: ExperimentConfig) -> bool:
-    """Whether the config asks for more than the federated run."""
-    return config.eval.leave_one_site_out or bool(config.eval.baselines)
-
-
 def part_config(config: ExperimentConfig, holdout: list[int] | None = None, private: bool | None = None) -> ExperimentConfig:
     """The config of one part of a study: the same experiment, one change, no study of its own."""
     part = config.model_copy(deep=True)
