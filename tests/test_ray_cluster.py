@@ -28,6 +28,16 @@ def test_ray_address_reaches_flower_and_drops_local_resources():
     assert "init-args-num-cpus" in federation_config(local)
 
 
+def _actor_classes(address: str, env: dict) -> set[str]:
+    """Class names of every actor the cluster has run (from a separate driver process)."""
+    script = (
+        "import json, ray; ray.init(address=%r, include_dashboard=False, logging_level='ERROR');"
+        "print(json.dumps(sorted({a['ActorClassName'] for a in ray._private.state.actors().values()})))"
+    ) % address
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 @pytest.mark.slow
 def test_simulation_runs_on_a_ray_head_started_by_the_test(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
@@ -45,9 +55,8 @@ def test_simulation_runs_on_a_ray_head_started_by_the_test(tmp_path):
             args += ["--set", item]
         assert main(args) == 0
         assert json.loads((out / "results.json").read_text())["status"] == "complete"
-        # the ClientApps ran as actors of this cluster: their workers logged into its session folder
-        logs = Path(temp_dir) / "session_latest" / "logs"
-        assert any("ClientAppActor" in p.read_text(errors="ignore") for p in logs.glob("*worker*") if p.is_file())
+        # the ClientApps ran as actors of this cluster: its actor table (GCS) lists them
+        assert "ClientAppActor" in _actor_classes(f"127.0.0.1:{port}", env)
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, timeout=120, capture_output=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
