@@ -18,7 +18,7 @@ log() { echo "[docker-e2e $(( $(date +%s) - START )) s] $*"; }
 cleanup() {
   set +e
   if docker info >/dev/null 2>&1; then
-    compose down -v --remove-orphans --timeout 10 >/dev/null 2>&1
+    "${COMPOSE[@]}" down -v --remove-orphans --timeout 10 >/dev/null 2>&1
   fi
   if [ -n "$STARTED_DOCKERD" ]; then
     kill "$STARTED_DOCKERD" 2>/dev/null; wait "$STARTED_DOCKERD" 2>/dev/null
@@ -28,10 +28,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-compose() {
-  FEDFM_IMAGE=fedfm:ci DEPLOYMENT_DIR="$WORK/deployment" RUNS_DIR="$WORK/runs" DATA_DIR="$WORK/data" \
-    docker compose -p "$PROJECT" -f "$REPO/docker-compose.yml" "$@"
-}
+export FEDFM_IMAGE=fedfm:ci DEPLOYMENT_DIR="$WORK/deployment" RUNS_DIR="$WORK/runs" DATA_DIR="$WORK/data"
+COMPOSE=(docker compose -p "$PROJECT" -f "$REPO/docker-compose.yml")
 
 # 1. Docker daemon, Compose v2, debootstrap
 if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
@@ -51,9 +49,9 @@ docker compose version
 
 # 2. Every compose file is valid Compose v2
 .venv/bin/fedfm deploy init --sites 2 --out "$WORK/deployment" --name superlink >/dev/null
-compose config -q
-DEPLOYMENT_DIR="$WORK/deployment" docker compose -f deploy/coordinator/compose.yml config -q
-SITE_ID=0 SUPERLINK_ADDRESS=coordinator:9093 DEPLOYMENT_DIR="$WORK/deployment" docker compose -f deploy/site/compose.yml config -q
+"${COMPOSE[@]}" config -q
+docker compose -f deploy/coordinator/compose.yml config -q
+SITE_ID=0 SUPERLINK_ADDRESS=coordinator:9093 docker compose -f deploy/site/compose.yml config -q
 log "compose files valid"
 
 # 3. A local base image: Debian from the mirror apt already uses, imported (no registry pull)
@@ -78,9 +76,9 @@ log "image built"
 mkdir -p "$WORK/runs" "$WORK/data/site-0" "$WORK/data/site-1"
 chown -R 10001 "$WORK/runs" "$WORK/deployment/certs" "$WORK/deployment/keys"
 export OVERRIDES="data.num_sites=2;federation.rounds=2;data.samples_per_site=120;data.image_size=16;train.batch_size=16"
-timeout 300 compose up -d --no-build superlink site-0 site-1
+timeout 300 "${COMPOSE[@]}" up -d --no-build superlink site-0 site-1
 log "coordinator and sites up; running the experiment"
-timeout 900 compose run --rm --no-deps run
+timeout 900 "${COMPOSE[@]}" run --rm --no-deps run
 .venv/bin/python - "$WORK/runs/compose/results.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -91,6 +89,8 @@ assert all(0 < s["epsilon"] <= 8 for s in r["sites"].values())
 print(f"docker compose run complete: pooled test AUROC {r['pooled']['auroc']:.4f}, sites {sorted(r['sites'])}")
 EOF
 # the SuperLink really required TLS and authentication
-compose logs superlink 2>&1 | grep -q "https://" && log "SuperLink served HTTPS"
-compose exec -T site-0 sh -c 'ls /ledger' | grep -q "site-0.jsonl" && log "site-0 ledger in its own volume"
+"${COMPOSE[@]}" logs superlink 2>&1 | grep -q "https://"
+log "SuperLink served HTTPS"
+"${COMPOSE[@]}" exec -T site-0 sh -c 'ls /ledger' | grep -q "site-0.jsonl"
+log "site-0 ledger in its own volume"
 log "passed in $(( $(date +%s) - START )) s"
