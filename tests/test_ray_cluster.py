@@ -58,5 +58,6 @@ def test_simulation_runs_on_a_ray_head_started_by_the_test(tmp_path):
         # the ClientApps ran as actors of this cluster: its actor table (GCS) lists them
         assert "ClientAppActor" in _actor_classes(f"127.0.0.1:{port}", env)
     finally:
+        stop_local_superlink()  # it is bound to this cluster: never leave it for a later run
         subprocess.run([RAY, "stop", "--force"], env=env, timeout=120, capture_output=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
