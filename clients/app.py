@@ -6,6 +6,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedfm.appconfig import apply_node_config, experiment_from_run_config, ledger_dir, site_id_from_node_config
+from fedfm.results import PERSONAL
 from fedfm.site import BUDGET_REFUSED, HELD_OUT, BudgetExhausted, HeldOut, Site
 from fedfm.transport import encode
 
@@ -49,7 +50,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     }
     if split == "test":  # the report shows each site's size and label distribution
         metrics.update({f"label-counts-{k}": v for k, v in site.label_counts().items()})
-    if msg.content["config"].get("return-predictions", False):
+    share = bool(msg.content["config"].get("return-predictions", False))
+    if share:
         metrics["probs"] = [float(p) for p in reply.probs.reshape(-1)]
         metrics["labels"] = [int(y) for y in reply.labels]
+    if split == "test" and site.personal.enabled:  # the site's personalized model beside the global one
+        own = site.evaluate(msg.content["arrays"].to_torch_state_dict(), split, personal=True)
+        metrics.update({f"{PERSONAL}{k}": float(v) for k, v in own.metrics.items() if k != "n"})
+        if share:
+            metrics[f"{PERSONAL}probs"] = [float(p) for p in own.probs.reshape(-1)]
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -63,6 +63,34 @@ class LoraConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: str | None = None
     seed: int = 0
+    # per-site ranks, e.g. {site-0: 4, site-1: 8}: sites not named use r; non-empty = FLoRA stacking
+    site_ranks: dict[str, int] = Field(default_factory=dict)
+    # personal tensors start every round from the site's own last values, not the global ones
+    personal: Literal["none", "head", "lora_B"] = "none"
+
+    @model_validator(mode="after")
+    def _check_ranks(self) -> "LoraConfig":
+        for name, rank in self.site_ranks.items():
+            if not name.startswith("site-") or not name[5:].isdigit():
+                raise ValueError(f"lora.site_ranks has the key {name!r}: name sites as site-0, site-1, ...")
+            if rank < 1:
+                raise ValueError(f"lora.site_ranks.{name}={rank}: a rank must be a positive integer")
+        if self.site_ranks and self.variant == "ffa":
+            raise ValueError("lora.site_ranks needs lora.variant=lora (stacking aggregates A and B; "
+                             "ffa sends no A): drop one of them")
+        if self.site_ranks and self.personal == "lora_B":
+            raise ValueError("lora.personal=lora_B does not combine with lora.site_ranks (stacking restarts "
+                             "every site's B at zero each round): use lora.personal=head")
+        return self
+
+    @property
+    def stacked(self) -> bool:
+        """Per-site ranks: the server stacks the sites' factors (FLoRA) instead of averaging them."""
+        return bool(self.site_ranks)
+
+    def rank_for(self, site: str) -> int:
+        """The LoRA rank of ``site`` (its entry in site_ranks, or r)."""
+        return int(self.site_ranks.get(site, self.r))
 
 
 class BudgetConfig(_Section):
@@ -174,7 +202,18 @@ class ExperimentConfig(_Section):
         if self.data.partition == "natural" and self.data.source == "synthetic":
             raise ValueError("data.partition=natural needs site ids in the data; synthetic data has none")
         self._check_holdout()
+        self._check_site_ranks()
         return self
+
+    def _check_site_ranks(self) -> None:
+        ranks = self.lora.site_ranks
+        bad = sorted(n for n in ranks if int(n[5:]) >= self.data.num_sites)
+        if bad:
+            raise ValueError(f"lora.site_ranks names {bad}, but data.num_sites={self.data.num_sites} "
+                             f"(sites are site-0..site-{self.data.num_sites - 1})")
+        if ranks and self.privacy.client_level:
+            raise ValueError("lora.site_ranks does not combine with privacy.level=client/both: client-level DP "
+                             "clips one update shape for every site; set privacy.level=sample")
 
     def _check_holdout(self) -> None:
         held = self.eval.holdout_sites

@@ -20,9 +20,12 @@ from safetensors.torch import load_file, save_file
 
 from fedfm.config import ExperimentConfig
 from fedfm.eval.metrics import bootstrap_intervals, classification_metrics, reliability_curve
-from fedfm.models import load_adapter_state_dict, save_adapter
+from fedfm.models import load_adapter_state_dict, save_adapter, unwrap
+from fedfm.models.spec import SPEC_ATTR
+from fedfm.models.stacking import global_model as stacked_global_model
 from fedfm.site import site_name
 
+PERSONAL = "personal-"  # prefix of a site's personalized-model metrics in its test reply
 TEST_METRICS = ("auroc", "accuracy", "balanced_accuracy", "loss", "ece", "sensitivity", "specificity")
 
 
@@ -33,6 +36,7 @@ class SiteEvaluation:
     metrics: dict[str, float]
     probs: np.ndarray | None = None
     labels: np.ndarray | None = None
+    personal: SiteEvaluation | None = None  # the site's personalized model (lora.personal), if any
 
 
 @dataclass
@@ -114,7 +118,10 @@ class RunRecorder:
         self.write_results(status="running")
 
     def finalize(self, adapter: dict[str, torch.Tensor], evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
-        load_adapter_state_dict(self.model, adapter)
+        if self.config.lora.stacked:  # the stacked adapter's ranks grew from round to round
+            self.model = stacked_global_model(getattr(unwrap(self.model), SPEC_ATTR), adapter)
+        else:
+            load_adapter_state_dict(self.model, adapter)
         save_adapter(self.model, self.run_dir / "adapter")
         return self.write_results(status="complete", evaluations=evaluations)
 
@@ -130,6 +137,7 @@ class RunRecorder:
             "pooled_seen": pooled_summary({k: v for k, v in (evaluations or {}).items() if not self._held_out(k)})
             if self.config.eval.holdout_sites else {},
             "worst_site": worst_site(evaluations or {}),
+            "pooled_personal": _pooled_personal(evaluations or {}),
             "client_level": self.client_level,
             "communication": self._communication(),
             "wall_time_s": round(time.time() - self.started + self.earlier_wall_time_s, 2),
@@ -154,6 +162,9 @@ class RunRecorder:
                 "rounds_trained": sum(site in r["participants"] for r in self.rounds),
                 "held_out": self._held_out(site),
             }
+            if ev is not None and ev.personal is not None:
+                own = test_summary(dict(ev.personal.metrics), ev.personal)
+                sites[site].update({"test_personal": own["test"], "test_personal_ci95": own["test_ci95"]})
         return sites
 
     def _held_out(self, site: str) -> bool:
@@ -181,6 +192,12 @@ def pooled_summary(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
         "ci95": bootstrap_intervals(probs, labels),
         "reliability": reliability_curve(probs, labels),
     }
+
+
+def _pooled_personal(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
+    """Pooled test metrics of the sites' personalized models (lora.personal); empty without them."""
+    own = {k: ev.personal for k, ev in evaluations.items() if ev.personal is not None}
+    return {k: v for k, v in pooled_summary(own).items() if k != "reliability"} if own else {}
 
 
 def test_summary(metrics: dict[str, Any], ev: SiteEvaluation | None) -> dict[str, Any]:

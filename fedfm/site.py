@@ -20,7 +20,9 @@ from fedfm.config import ExperimentConfig
 from fedfm.data import label_counts, load_site
 from fedfm.data.types import SiteData
 from fedfm.eval.metrics import classification_metrics
-from fedfm.models import adapter_state_dict, build_model, load_adapter_state_dict
+from fedfm.models import ModelSpec, adapter_state_dict, build_model, load_adapter_state_dict
+from fedfm.models.stacking import site_model
+from fedfm.personal import PersonalState
 from fedfm.privacy.accountant import SiteAccountant, StepBatch, calibrate_noise
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.training.local import plan_steps, predict_probs, train_round
@@ -72,12 +74,19 @@ class Site:
         self.name = data.name if data is not None else site_name(site_id)
         self.data: SiteData = data if data is not None else load_site(config.data, site_id)
         self.ledger = SiteLedger(ledger_dir, self.name)
+        self.personal = PersonalState(Path(ledger_dir) / "personal", self.name, config.lora.personal)
 
     def fresh_model(self, global_adapter: dict[str, torch.Tensor]) -> torch.nn.Module:
-        model, _ = build_model(
-            self.config.model, self.config.lora, self.data.num_classes,
-            self.data.channels, self.config.data.image_size,
-        )
+        """The model this site trains or evaluates, starting from ``global_adapter``.
+
+        With per-site ranks (lora.site_ranks) the global adapter is merged into the base weights
+        and the site gets a fresh adapter of its own rank (see :mod:`fedfm.models.stacking`).
+        """
+        cfg = self.config
+        if cfg.lora.stacked:
+            spec = ModelSpec(cfg.model, cfg.lora, self.data.num_classes, self.data.channels, cfg.data.image_size)
+            return site_model(spec, cfg.lora.rank_for(self.name), global_adapter)
+        model, _ = build_model(cfg.model, cfg.lora, self.data.num_classes, self.data.channels, cfg.data.image_size)
         load_adapter_state_dict(model, global_adapter)
         return model
 
@@ -105,7 +114,7 @@ class Site:
             accountant = self.ledger.accountant(cfg.privacy.accountant)
             sigma = self.noise_multiplier(plan.sample_rate, plan.steps)
             self._check_budget(accountant, StepBatch(sigma, plan.sample_rate, plan.steps))
-        model = self.fresh_model(global_adapter)
+        model = self.fresh_model(self.personal.apply(global_adapter, before=server_round))
         started = time.perf_counter()
         outcome = train_round(
             model, self.data.train, cfg.train, cfg.privacy, accountant, sigma or 0.0,
@@ -128,7 +137,10 @@ class Site:
             "sample-rate": outcome.sample_rate,
             "train-seconds": seconds,
         }
-        return TrainReply(adapter_state_dict(model), metrics)
+        adapter = adapter_state_dict(model)
+        if self.personal.enabled:
+            self.personal.save(server_round, adapter)
+        return TrainReply(adapter, metrics)
 
     @property
     def budget(self) -> float:
@@ -163,9 +175,13 @@ class Site:
             "time": time.time(),
         })
 
-    def evaluate(self, global_adapter: dict[str, torch.Tensor], split: str) -> EvalReply:
+    def evaluate(self, global_adapter: dict[str, torch.Tensor], split: str, personal: bool = False) -> EvalReply:
+        """Metrics of the global adapter on ``split``; with ``personal``, of this site's personalized
+        model (the global adapter with the site's own personal tensors, lora.personal)."""
         torch.set_num_threads(self.config.train.threads)
         data = getattr(self.data, split)
+        if personal:
+            global_adapter = self.personal.apply(global_adapter)
         model = self.fresh_model(global_adapter)
         probs = predict_probs(model, data, self.config.eval.batch_size)
         metrics = classification_metrics(probs, data.labels) if len(data) else {"n": 0}

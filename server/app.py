@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedfm.appconfig import experiment_from_run_config
 from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict, full_model_bytes
-from fedfm.results import RunRecorder, SiteEvaluation
+from fedfm.results import PERSONAL, RunRecorder, SiteEvaluation
 from fedfm.site import site_name
 from fedfm.transport import encode
 from server.strategy import build_strategy
@@ -95,9 +95,16 @@ def evaluate_on_test(grid: Grid, arrays: ArrayRecord, predictions: bool, timeout
             print(f"[fedfm] node {reply.metadata.src_node_id} failed its test evaluation: {reply.error.reason}")
             continue
         metrics = dict(reply.content["metrics"])
+        personal = {k[len(PERSONAL):]: metrics.pop(k) for k in list(metrics) if k.startswith(PERSONAL)}
         probs = labels = None
         if "probs" in metrics:
             labels = np.asarray(metrics.pop("labels"), dtype=np.int64)
             probs = np.asarray(metrics.pop("probs"), dtype=np.float64).reshape(len(labels), -1)
-        out[site_name(int(metrics.pop("site-id")))] = SiteEvaluation(metrics, probs, labels)
+        own = None
+        if personal:
+            own_probs = personal.pop("probs", None)
+            if own_probs is not None and labels is not None:
+                own_probs = np.asarray(own_probs, dtype=np.float64).reshape(len(labels), -1)
+            own = SiteEvaluation(personal, own_probs, labels if own_probs is not None else None)
+        out[site_name(int(metrics.pop("site-id")))] = SiteEvaluation(metrics, probs, labels, own)
     return out

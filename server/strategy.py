@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 
 from fedfm.config import ExperimentConfig
+from fedfm.models.stacking import LORA_A, LORA_B, stack
 from fedfm.privacy.audit import DP_ACCOUNTING_RDP
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.results import RunRecorder
@@ -153,6 +154,48 @@ class AdapterFedAvg(Bookkeeping, FedAvg):
         self.init_bookkeeping(recorder, adapter_keys)
 
 
+class _StackFactors:
+    """Replaces FedAvg's array average by the exact stacking of per-site LoRA factors."""
+
+    alpha: float
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._global = arrays.to_torch_state_dict()  # fp32: Bookkeeping encodes for the wire after this
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [msg.content for msg in valid]
+        updates = [(c["arrays"].to_torch_state_dict(), float(c["metrics"][self.weighted_by_key])) for c in contents]
+        arrays = ArrayRecord(stack(self._global, updates, self.alpha))
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+
+class StackedLoraFedAvg(Bookkeeping, _StackFactors, FedAvg):
+    """Per-site LoRA ranks (lora.site_ranks): FLoRA stacking, exact whatever the ranks."""
+
+    def __init__(self, recorder: RunRecorder, adapter_keys: list[str], **kwargs):
+        super().__init__(**kwargs)
+        self.init_bookkeeping(recorder, adapter_keys)
+        self.alpha = recorder.config.lora.alpha
+
+    def reply_problem(self, content: RecordDict) -> str | None:
+        problem = super().reply_problem(content)
+        if problem:
+            return problem
+        site = site_name(int(content["metrics"]["site-id"]))
+        rank = self.recorder.config.lora.rank_for(site)
+        arrays = content["arrays"]
+        for key in arrays:
+            if key.endswith(LORA_A):
+                a, b = arrays[key].shape, arrays[key[: -len(LORA_A)] + LORA_B].shape
+                if a[0] != rank or b[1] != rank:
+                    return f"{key} has rank {a[0]} (B: {b[1]}), but lora.site_ranks gives {site} rank {rank}"
+        return None
+
+
 class ClientDPFedAvg(Bookkeeping, DifferentialPrivacyServerSideFixedClipping):
     """Client-level DP: clip each site's update, average with equal weights, add Gaussian noise.
 
@@ -209,6 +252,8 @@ def build_strategy(config: ExperimentConfig, recorder: RunRecorder, adapter_keys
     if config.privacy.client_level:
         sampled = max(int(config.data.num_sites * fed.fraction_train), fed.min_train_sites)
         return ClientDPFedAvg(recorder, adapter_keys, config, sampled, **fedavg)
+    if config.lora.stacked:
+        return StackedLoraFedAvg(recorder, adapter_keys, **fedavg)
     return AdapterFedAvg(recorder, adapter_keys, **fedavg)
 
 

@@ -22,7 +22,10 @@ from fedfm.data.png import write_png
 from fedfm.data.types import Split
 from fedfm.export import load_merged
 from fedfm.global_model import build_global_model
-from fedfm.models import adapter_state_dict, build_backbone, full_model_bytes, read_spec
+from fedfm.models import adapter_state_dict, build_backbone, full_model_bytes, read_spec, unwrap
+from fedfm.models.spec import SPEC_ATTR
+from fedfm.models.stacking import global_lora_config, global_model as stacked_global_model, stack
+from fedfm.site import Site
 from fedfm.privacy.accountant import SiteAccountant
 from fedfm.results import RunRecorder
 from fedfm.run_folder import open_run
@@ -44,18 +47,34 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=["lora", "ffa"])
+@pytest.fixture(scope="module", params=["lora", "ffa", "stacked"])
 def run(request, tmp_path_factory):
-    """(run folder, config, the site's trained model, its test split)."""
-    config = load_config(None, [*SETTINGS, f"lora.variant={request.param}"])
+    """(run folder, config, the trained global model, the site's test split).
+
+    ``stacked``: per-site ranks; the site trains rank 2 and the global adapter is the stack of its update.
+    """
+    variant = "lora" if request.param == "stacked" else request.param
+    ranks = ["lora.site_ranks={site-0: 2, site-1: 6}"] if request.param == "stacked" else []
+    config = load_config(None, [*SETTINGS, f"lora.variant={variant}", *ranks])
     site = load_site(config.data, 0)
-    trained = build_global_model(config)
-    train_round(trained, site.train, config.train, config.privacy, SiteAccountant("rdp"), 1.0, seed=0)
+    server = build_global_model(config)
+    if config.lora.stacked:
+        local = Site(config, 0, tmp_path_factory.mktemp("ledger"), data=site).fresh_model(adapter_state_dict(server))
+        train_round(local, site.train, config.train, config.privacy, SiteAccountant("rdp"), 1.0, seed=0)
+        final = stack(adapter_state_dict(server), [(adapter_state_dict(local), 1.0)], config.lora.alpha)
+        trained = stacked_global_model(read_spec_of(server), final)
+    else:
+        trained = build_global_model(config)
+        train_round(trained, site.train, config.train, config.privacy, SiteAccountant("rdp"), 1.0, seed=0)
+        final = adapter_state_dict(trained)
     run_dir = tmp_path_factory.mktemp(f"run-{request.param}")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
-    server = build_global_model(config)
-    RunRecorder(config, run_dir, server, full_model_bytes(server)).finalize(adapter_state_dict(trained), {})
+    RunRecorder(config, run_dir, server, full_model_bytes(server)).finalize(final, {})
     return run_dir, config, trained.eval(), site.test
+
+
+def read_spec_of(model):
+    return getattr(unwrap(model), SPEC_ATTR)
 
 
 def _x(n: int = 6, seed: int = 0) -> torch.Tensor:
@@ -68,7 +87,9 @@ def test_export_writes_an_adapter_peft_loads(run, tmp_path):
     out = run_dir / "export"
     spec = read_spec(out)
     assert (spec.num_classes, spec.channels, spec.image_size) == (2, 1, SIZE)
-    assert spec.model == config.model and spec.lora == config.lora
+    # a stacked adapter is saved as what it is: one rank per layer at scale 1 (adapter_config.json)
+    expected_lora = global_lora_config(config.lora) if config.lora.stacked else config.lora
+    assert spec.model == config.model and spec.lora == expected_lora
     assert read_spec(run_dir / "adapter") == spec  # save_adapter wrote it at the end of the run
     loaded = PeftModel.from_pretrained(build_backbone(config.model, 2, 1, SIZE).model, str(out)).eval()
     with torch.no_grad():

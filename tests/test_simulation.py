@@ -12,7 +12,9 @@ from fedfm.cli import main
 from fedfm.config import load_config
 from fedfm.data import load_site
 from fedfm.privacy.accountant import SiteAccountant, StepBatch
+from fedfm.models import ModelSpec
 from fedfm.models.registry import build_backbone
+from fedfm.models.stacking import global_model
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.simulate import LOCAL_SUPERLINK_PORT, _port_open, local_superlink_pids
 from fedfm.training.local import plan_steps
@@ -179,3 +181,31 @@ def test_tiny_dinov2_from_a_folder_trains_in_a_two_site_simulation(tmp_path):
     assert all(0 < s["epsilon"] <= 8 for s in results["sites"].values())
     first = load_file(str(out / "checkpoint" / "adapter.safetensors"))
     assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in first.items())  # the adapter trained
+
+
+def test_sites_with_ranks_4_8_16_and_personal_heads_federate_end_to_end(tmp_path):
+    """lora.site_ranks (stacked aggregation) and lora.personal=head through Flower, then export + predict."""
+    out, results = _run(
+        tmp_path, REPO / "configs" / "quickstart.yaml",
+        "data.num_sites=3", "federation.rounds=2", "data.samples_per_site=90", "data.image_size=16",
+        "lora.site_ranks={site-0: 4, site-1: 8, site-2: 16}", "lora.personal=head",
+    )
+    assert results["status"] == "complete"
+    assert all(r["participants"] == ["site-0", "site-1", "site-2"] for r in results["rounds"])
+    final = load_file(str(out / "checkpoint" / "adapter.safetensors"))
+    # two rounds of ranks 4 + 8 + 16 stacked (recompressed where a layer is narrower)
+    assert max(v.shape[0] for k, v in final.items() if k.endswith("lora_A.weight")) == 2 * 28
+    for name in ("site-0", "site-1", "site-2"):
+        site = results["sites"][name]
+        assert set(site["test_personal"]) >= {"auroc", "accuracy"} and "auroc" in site["test"]
+        assert sorted(p.name for p in (out / "ledger" / "personal").glob(f"{name}-round-*")) == [
+            f"{name}-round-0001.safetensors", f"{name}-round-0002.safetensors"]
+    assert results["pooled_personal"]["n"] == results["pooled"]["n"]
+    assert "Personalized against global model" in (out / "report.md").read_text()
+    assert main(["export", str(out)]) == 0  # the stacked adapter is a PEFT adapter with one rank per layer
+    config = load_config(out / "config.yaml")
+    exported = PeftModel.from_pretrained(build_backbone(config.model, 2, 1, 16).model, str(out / "export")).eval()
+    reference = global_model(ModelSpec(config.model, config.lora, 2, 1, 16), final).eval()
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), reference(x), rtol=0, atol=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,15 +33,23 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_module", model)
 
 
-def apply_lora(backbone: Backbone, lora_cfg: LoraConfig) -> nn.Module:
-    """Wrap ``backbone.model`` (in place) with a seeded LoRA adapter; only adapter + head train."""
+def apply_lora(backbone: Backbone, lora_cfg: LoraConfig, ranks: dict[str, int] | None = None) -> nn.Module:
+    """Wrap ``backbone.model`` (in place) with a seeded LoRA adapter; only adapter + head train.
+
+    ``ranks`` (module name -> rank) gives single layers their own rank with scale 1 (alpha =
+    rank); the stacked global adapter of per-site ranks is such a model.
+    """
     target = lora_cfg.target_modules or backbone.lora_targets
+    # peft matches a pattern as a suffix of the module name; "^" anchors it to the whole name
+    patterns = {"^" + re.escape(name): rank for name, rank in (ranks or {}).items()}
     config = PeftLoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         target_modules=target,
         modules_to_save=list(backbone.head),
+        rank_pattern=patterns,
+        alpha_pattern=dict(patterns),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(lora_cfg.seed)

@@ -56,6 +56,7 @@ def collect_run(run_dir: Path) -> dict[str, Any]:
         "sites": site_rows(config, results),
         "pooled": _metrics_with_ci(results.get("pooled", {})),
         "pooled_seen": _metrics_with_ci(results.get("pooled_seen", {})),
+        "pooled_personal": _metrics_with_ci(results.get("pooled_personal", {})),
         "pooled_unseen": _metrics_with_ci(results.get("pooled_unseen", {})),
         "worst_site": results.get("worst_site"),
         "reliability": {"pooled": results.get("pooled", {}).get("reliability", {}),
@@ -79,7 +80,7 @@ def run_summary(config: ExperimentConfig, results: dict[str, Any]) -> dict[str, 
         "image_size": d.image_size,
         "site_shift": d.site_shift,
         "backbone": config.model.backbone,
-        "adapter": f"{config.lora.variant} r={config.lora.r} alpha={config.lora.alpha}",
+        "adapter": adapter_line(config),
         "privacy": privacy_line(config),
         "delta": p.delta if p.sample_level else None,
         "budget_epsilon": p.budget.epsilon if p.sample_level else None,
@@ -90,6 +91,17 @@ def run_summary(config: ExperimentConfig, results: dict[str, Any]) -> dict[str, 
         "stopped_early": results.get("stopped_early"),
         "wall_time_s": results.get("wall_time_s"),
     }
+
+
+def adapter_line(config: ExperimentConfig) -> str:
+    lora = config.lora
+    text = f"{lora.variant} r={lora.r} alpha={lora.alpha}"
+    if lora.site_ranks:
+        ranks = ", ".join(f"{site} {rank}" for site, rank in sorted(lora.site_ranks.items()))
+        text += f", per-site ranks ({ranks}; stacked)"
+    if lora.personal != "none":
+        text += f", personal {lora.personal}"
+    return text
 
 
 def privacy_line(config: ExperimentConfig) -> str:
@@ -118,6 +130,7 @@ def site_rows(config: ExperimentConfig, results: dict[str, Any]) -> list[dict[st
             "label_counts": site.get("label_counts", {}),
             "shift": site_shift_params(site_id, config.data.site_shift, config.data.seed),
             "metrics": _metrics_with_ci({**site.get("test", {}), "ci95": site.get("test_ci95", {})}),
+            "personal": _metrics_with_ci({**site.get("test_personal", {}), "ci95": site.get("test_personal_ci95", {})}),
             "epsilon": site.get("epsilon"),
             "budget": config.privacy.budget.for_site(name) if config.privacy.sample_level else None,
             "rounds_trained": site.get("rounds_trained"),
@@ -205,9 +218,13 @@ def baselines(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
 def tradeoff_point(run: dict[str, Any]) -> dict[str, Any]:
     """One run on the utility-privacy plane: the largest site epsilon against the pooled AUROC."""
     eps = [r["epsilon"] for r in run["sites"] if r["epsilon"] and not r["held_out"]]
-    return {"run": run["name"], "max_epsilon": max(eps) if eps else 0.0,
+    comm = run["communication"]
+    rounds = len(run["rounds"]["round"]) or None
+    return {"run": run["name"], "adapter": run["summary"]["adapter"], "max_epsilon": max(eps) if eps else 0.0,
             "pooled_auroc": run["pooled"].get("auroc", {}).get("value"),
-            "worst_site_auroc": (run["worst_site"] or {}).get("auroc")}
+            "worst_site_auroc": (run["worst_site"] or {}).get("auroc"),
+            "update_bytes": comm.get("update_bytes"),
+            "bytes_per_round": comm["total_bytes_moved"] / rounds if rounds and comm.get("total_bytes_moved") else None}
 
 
 def _num(x: Any) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 from fedfm.report import figures
 from fedfm.report.tables import (
-    Table, baselines_table, key_findings, loso_table, runs_table, shift_table, site_table,
+    Table, baselines_table, key_findings, loso_table, personal_table, runs_table, shift_table, site_table,
 )
 
 CSS = """
@@ -54,6 +54,7 @@ def run_html(run: dict[str, Any]) -> str:
     parts.append(f'<div class="findings"><strong>Key findings</strong><ul>{findings}</ul></div>')
     parts.append("<h3>Setup</h3>" + _summary_html(run["summary"]))
     parts.append(_table_html(site_table(run)))
+    parts.append(_table_html(personal_table(run)))
     if run["reliability"]:
         parts.append("<h3>Calibration</h3><p class=\"note\">Accuracy against the model's confidence in 15 bins; points on "
                      "the dashed diagonal are perfectly calibrated, below it over-confident. Marker size: images in the bin.</p>")
@@ -108,7 +109,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     for run in report["runs"]:
         out += [f"## Run {run['name']}", "", *[f"- {s}" for s in key_findings(run)], ""]
         out += [f"- **{k.replace('_', ' ')}**: {_plain(v)}" for k, v in run["summary"].items() if v not in (None, [], "")]
-        for table in (site_table(run), loso_table(run), baselines_table(run), shift_table(run)):
+        for table in (site_table(run), personal_table(run), loso_table(run), baselines_table(run), shift_table(run)):
             out += ["", _table_md(table)]
     return "\n".join(x for x in out if x is not None) + "\n"
 

@@ -11,7 +11,7 @@ from fedfm.config import load_config
 from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict, full_model_bytes
 from fedfm.results import RunRecorder
-from server.strategy import AdapterFedAvg
+from server.strategy import AdapterFedAvg, StackedLoraFedAvg, build_strategy
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +74,18 @@ def test_aggregation_is_weighted_by_examples_and_drops_bad_replies(setup):
     assert any("not finite" in reason for reason in strategy._refused.values())
 
 
-def test_fp16_transport_halves_the_bytes_and_averages_in_fp32(tmp_path):
-    config = load_config(None, ["data.num_sites=2", "data.samples_per_site=60", "data.image_size=16",
-                                "federation.transport=fp16"])
+def _strategy(run_dir, *items):
+    """(strategy as build_strategy makes it, its recorder, the initial adapter) for a 2-site config."""
+    config = load_config(None, ["data.num_sites=2", "data.samples_per_site=60", "data.image_size=16", *items])
     model = build_global_model(config)
-    recorder = RunRecorder(config, tmp_path, model, full_model_bytes(model))
+    recorder = RunRecorder(config, run_dir, model, full_model_bytes(model))
     adapter = adapter_state_dict(model)
-    strategy = AdapterFedAvg(recorder, adapter_keys=list(adapter))
+    return build_strategy(config, recorder, list(adapter)), recorder, adapter
+
+
+def test_fp16_transport_halves_the_bytes_and_averages_in_fp32(tmp_path):
+    strategy, recorder, adapter = _strategy(tmp_path, "federation.transport=fp16")
+    assert isinstance(strategy, AdapterFedAvg)
     # a site's reply as the ClientApp sends it under fp16 transport
     a = {k: (torch.rand_like(v) / 3).half() for k, v in adapter.items()}
     b = {k: (torch.rand_like(v) / 3).half() for k, v in adapter.items()}
@@ -92,3 +97,31 @@ def test_fp16_transport_halves_the_bytes_and_averages_in_fp32(tmp_path):
         assert averaged[key].dtype == torch.float32
         expected = (30 * a[key].float() + 10 * b[key].float()) / 40  # fp32 average of what was sent
         assert torch.allclose(averaged[key], expected, atol=1e-6)
+
+
+def test_stacked_strategy_rejects_a_wrong_rank_and_stacks_the_rest(tmp_path):
+    strategy, _, initial = _strategy(tmp_path, "lora.site_ranks={site-0: 2, site-1: 4}")
+    assert isinstance(strategy, StackedLoraFedAvg)
+    strategy._global = initial  # what configure_train keeps of the round's global adapter
+
+    def update(rank, value):
+        out = {}
+        for k, v in initial.items():
+            shape = list(v.shape)
+            if k.endswith("lora_A.weight"):
+                shape[0] = rank
+            elif k.endswith("lora_B.weight"):
+                shape[1] = rank
+            out[k] = torch.full(shape, value)
+        return out
+
+    wrong = update(3, 0.1)  # site-1 must train rank 4
+    assert "lora.site_ranks gives site-1 rank 4" in strategy.reply_problem(_content(wrong, 1, 10))
+    replies = [_Reply(_content(update(2, 0.1), 0, 30), 0), _Reply(_content(update(4, 0.2), 1, 10), 1)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    stacked = arrays.to_torch_state_dict()
+    key = next(k for k in stacked if k.endswith("lora_A.weight"))
+    a, b = stacked[key], stacked[key.replace("lora_A", "lora_B")]
+    assert a.shape[0] == min(2 + 4, a[0].numel(), b.shape[0])  # ranks 2 + 4, unless the layer is narrower
+    head = next(k for k in stacked if "lora_" not in k)
+    assert torch.allclose(stacked[head], torch.full_like(stacked[head], (30 * 0.1 + 10 * 0.2) / 40))
