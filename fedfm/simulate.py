@@ -120,12 +120,14 @@ def run_simulation(
     run_dir = Path(out).resolve() if resume else prepare_run_dir(config, out)
     command = flwr_command(config, write_run_config(config, run_dir, resume, until_round))
     superlink_was_up = _port_open(LOCAL_SUPERLINK_PORT)
-    if superlink_was_up and config.federation.ray_address:
-        raise ConfigError(
-            f"federation.ray_address={config.federation.ray_address!r} needs a fresh local SuperLink, but one is "
-            f"already running on port {LOCAL_SUPERLINK_PORT} (it would keep its own Ray): stop it with "
-            "python -c 'from fedfm.simulate import stop_local_superlink; stop_local_superlink()'"
-        )
+    if superlink_was_up:
+        problem = superlink_mismatch(config, local_superlink_pids())
+        if problem:
+            raise ConfigError(
+                f"a local SuperLink is already running on port {LOCAL_SUPERLINK_PORT}, but {problem}; this run would "
+                "run inside it: stop it with python -c 'from fedfm.simulate import stop_local_superlink; "
+                "stop_local_superlink()' and run again"
+            )
     print(f"[fedfm] {config.data.num_sites} sites, {config.federation.rounds} rounds -> {run_dir}", flush=True)
     log_path = run_dir / ("flwr-resumed.log" if resume else "flwr.log")
     try:
@@ -140,6 +142,51 @@ def run_simulation(
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
         raise RuntimeError(f"simulation did not complete (flwr exit {code}, status {status}); last log lines:\n{tail}")
     return run_dir
+
+
+def superlink_mismatch(config: ExperimentConfig, pids: list[int]) -> str | None:
+    """Why the running local SuperLink cannot host this run, or None when it can.
+
+    ``flwr run`` reuses a SuperLink that is already up, with the environment it was started
+    with: its Ray cluster (RAY_ADDRESS) and its Python environment (whose fedfm it imports).
+    """
+    wanted_ray = simulation_env(config).get("RAY_ADDRESS", "")
+    here = str(Path(sys.executable).parent)
+    for pid in pids:
+        env = _process_environ(pid)
+        if env is None:
+            continue  # gone, or not ours to read
+        ray = env.get("RAY_ADDRESS", "")
+        if ray != wanted_ray:
+            theirs = f"Ray cluster {ray!r}" if ray else "its own local Ray"
+            ours = f"federation.ray_address={wanted_ray!r}" if wanted_ray else "a local Ray (federation.ray_address=null)"
+            return f"it uses {theirs} and this run asks for {ours}"
+        theirs_bin = _script_dir(pid, "flower-superlink")
+        if theirs_bin is not None and theirs_bin != here:
+            return f"it was started from another Python environment ({theirs_bin}), not this one ({here})"
+    return None
+
+
+def _script_dir(pid: int, script: str) -> str | None:
+    """The folder of ``script`` in the process's command line (its Python environment's bin/)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for arg in argv:
+        path = Path(arg.decode(errors="replace"))
+        if path.name == script and path.is_absolute():
+            return str(path.parent)
+    return None
+
+
+def _process_environ(pid: int) -> dict[str, str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
 
 
 def _stream(command: list[str], env: dict[str, str], log_path: Path, verbose: bool) -> int:
