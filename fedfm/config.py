@@ -65,6 +65,9 @@ class LoraConfig(_Section):
     seed: int = 0
     # per-site ranks, e.g. {site-0: 4, site-1: 8}: sites not named use r; non-empty = FLoRA stacking
     site_ranks: dict[str, int] = Field(default_factory=dict)
+    # cap on the stacked global adapter's rank per layer: null = exact (up to min(out, in)); a number
+    # keeps the best rank-k approximation (truncated SVD), which bounds what the server sends
+    stack_max_rank: int | None = Field(None, ge=1)
     # personal tensors start every round from the site's own last values, not the global ones
     personal: Literal["none", "head", "lora_B"] = "none"
 
@@ -75,6 +78,9 @@ class LoraConfig(_Section):
                 raise ValueError(f"lora.site_ranks has the key {name!r}: name sites as site-0, site-1, ...")
             if rank < 1:
                 raise ValueError(f"lora.site_ranks.{name}={rank}: a rank must be a positive integer")
+        if self.stack_max_rank is not None and not self.site_ranks:
+            raise ValueError(f"lora.stack_max_rank={self.stack_max_rank} only applies with lora.site_ranks "
+                             "(stacked aggregation): set lora.site_ranks or leave stack_max_rank null")
         if self.site_ranks and self.variant == "ffa":
             raise ValueError("lora.site_ranks needs lora.variant=lora (stacking aggregates A and B; "
                              "ffa sends no A): drop one of them")

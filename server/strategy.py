@@ -158,6 +158,7 @@ class _StackFactors:
     """Replaces FedAvg's array average by the exact stacking of per-site LoRA factors."""
 
     alpha: float
+    max_rank: int | None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global = arrays.to_torch_state_dict()  # fp32: Bookkeeping encodes for the wire after this
@@ -169,7 +170,7 @@ class _StackFactors:
             return None, None
         contents = [msg.content for msg in valid]
         updates = [(c["arrays"].to_torch_state_dict(), float(c["metrics"][self.weighted_by_key])) for c in contents]
-        arrays = ArrayRecord(stack(self._global, updates, self.alpha))
+        arrays = ArrayRecord(stack(self._global, updates, self.alpha, self.max_rank))
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
@@ -180,6 +181,7 @@ class StackedLoraFedAvg(Bookkeeping, _StackFactors, FedAvg):
         super().__init__(**kwargs)
         self.init_bookkeeping(recorder, adapter_keys)
         self.alpha = recorder.config.lora.alpha
+        self.max_rank = recorder.config.lora.stack_max_rank
 
     def reply_problem(self, content: RecordDict) -> str | None:
         problem = super().reply_problem(content)

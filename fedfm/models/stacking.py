@@ -83,12 +83,15 @@ def site_model(spec: ModelSpec, rank: int, state: dict[str, torch.Tensor]) -> nn
 
 def stack(
     global_state: dict[str, torch.Tensor], updates: list[tuple[dict[str, torch.Tensor], float]], alpha: float,
+    max_rank: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The next global adapter from the sites' trained adapters and their weights.
 
     Each layer's factors become ``[A_g; A_1; ...; A_K]`` and ``[B_g, w_1 s_1 B_1, ..., w_K s_K B_K]``
     (w_k = weight_k / sum of weights, s_k = alpha / r_k), so B @ A = B_g @ A_g + sum_k w_k s_k B_k @ A_k.
-    Tensors that are not LoRA factors (the head) are averaged with the same weights.
+    Tensors that are not LoRA factors (the head) are averaged with the same weights. ``max_rank``
+    (lora.stack_max_rank) truncates each layer to its best rank-``max_rank`` approximation: no
+    longer exact, but it bounds what the server sends.
     """
     if not updates:
         raise ValueError("stack() needs at least one site update")
@@ -107,7 +110,7 @@ def stack(
                 a, b = state[key], state[b_key]
                 a_parts.append(a)
                 b_parts.append(b * (share * alpha / a.shape[0]))
-            out[key], out[b_key] = compress(torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1))
+            out[key], out[b_key] = compress(torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1), max_rank)
         else:
             out[key] = sum(state[key] * share for (state, _), share in zip(updates, shares))
     return dict(sorted(out.items()))
@@ -120,13 +123,14 @@ def _live_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[list[torch.Tensor],
     return [a], [b]
 
 
-def compress(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compress(a: torch.Tensor, b: torch.Tensor, max_rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The same product ``b @ a`` with rank at most min(out, in): unchanged while the rank is within it,
-    else the SVD of the product (computed in float64) truncated to its full rank."""
+    else the SVD of the product (computed in float64) truncated to its full rank. With ``max_rank``
+    below that, the truncation keeps the best rank-``max_rank`` approximation (Eckart-Young)."""
     rank = a.shape[0]
     a2 = a.reshape(rank, -1)
     b2 = b.reshape(b.shape[0], rank)
-    limit = min(a2.shape[1], b2.shape[0])
+    limit = min(a2.shape[1], b2.shape[0], max_rank or rank)
     if rank <= limit:
         return a.contiguous(), b.contiguous()
     u, s, vh = torch.linalg.svd(b2.double() @ a2.double(), full_matrices=False)

@@ -67,6 +67,18 @@ def test_compress_keeps_the_product_and_bounds_the_rank():
     assert torch.equal(same_a, small_a) and torch.equal(same_b, small_b)
 
 
+def test_stack_max_rank_keeps_the_best_low_rank_approximation():
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(10, 20, generator=gen), torch.randn(30, 10, generator=gen)
+    new_a, new_b = compress(a, b, max_rank=4)
+    assert new_a.shape == (4, 20) and new_b.shape == (30, 4)
+    product = (b.double() @ a.double())
+    singular = torch.linalg.svdvals(product)
+    error = torch.linalg.matrix_norm(product - new_b.double() @ new_a.double())
+    # Eckart-Young: the Frobenius error of the best rank-4 approximation is the norm of the dropped values
+    torch.testing.assert_close(error, singular[4:].norm(), rtol=1e-4, atol=1e-6)
+
+
 def test_stack_weights_each_site_by_its_share_and_its_scale():
     a1, b1 = torch.randn(2, 5), torch.randn(3, 2)
     a2, b2 = torch.randn(4, 5), torch.randn(3, 4)
@@ -88,6 +100,7 @@ def test_stack_weights_each_site_by_its_share_and_its_scale():
     (["lora.site_ranks={site-7: 4}"], "data.num_sites=3"),
     (["lora.site_ranks={site-0: 4}", "privacy.level=client"], "privacy.level=sample"),
     (["lora.site_ranks={site-0: 4}", "lora.personal=lora_B"], "lora.personal=head"),
+    (["lora.stack_max_rank=8"], "only applies with lora.site_ranks"),
 ])
 def test_site_ranks_config_errors_name_the_field_and_the_fix(items, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.").replace("?", r"\?")):
