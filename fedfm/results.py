@@ -49,6 +49,8 @@ class RunRecorder:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     site_train: dict[str, dict[str, float]] = field(default_factory=dict)
     bytes_moved: int = 0
+    upload_bytes: int = 0  # what the sites sent (train replies), a part of bytes_moved
+    uploads: int = 0
     stopped: str | None = None  # why training ended before the planned rounds, if it did
     client_level: dict[str, Any] | None = None  # client-level DP guarantee so far (level client/both)
     round_offset: int = 0  # rounds done before this process started (resumed runs)
@@ -75,14 +77,19 @@ class RunRecorder:
             self.site_train.update(entry["train"])
         communication = previous["communication"]
         self.update_bytes, self.bytes_moved = communication["update_bytes"], communication["total_bytes_moved"]
+        self.upload_bytes, self.uploads = communication.get("upload_bytes", 0), communication.get("uploads", 0)
         self.client_level = previous.get("client_level")
         self.earlier_wall_time_s = float(previous.get("wall_time_s", 0.0))
         self.round_offset = done
         return done, load_file(str(self.run_dir / "checkpoint" / "adapter.safetensors"))
 
-    def record_transfer(self, adapter_bytes: int, messages: int) -> None:
+    def record_transfer(self, adapter_bytes: int, messages: int, upload: bool = False) -> None:
+        """Count ``messages`` adapters of ``adapter_bytes`` each; ``upload``: sent by sites (train replies)."""
         self.update_bytes = adapter_bytes
         self.bytes_moved += adapter_bytes * messages
+        if upload:
+            self.upload_bytes += adapter_bytes * messages
+            self.uploads += messages
 
     def record_round(
         self,
@@ -176,6 +183,9 @@ class RunRecorder:
             "full_model_bytes": self.full_model_bytes,
             "update_to_full_ratio": self.update_bytes / self.full_model_bytes if self.full_model_bytes else None,
             "total_bytes_moved": self.bytes_moved,
+            "upload_bytes": self.upload_bytes,
+            "uploads": self.uploads,
+            "mean_upload_bytes": self.upload_bytes / self.uploads if self.uploads else None,
         }
 
 

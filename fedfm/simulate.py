@@ -119,9 +119,12 @@ def run_simulation(
         raise ConfigError(f"fedfm simulate needs the fedfm app folder (with pyproject.toml); not found at {APP_DIR}")
     run_dir = Path(out).resolve() if resume else prepare_run_dir(config, out)
     command = flwr_command(config, write_run_config(config, run_dir, resume, until_round))
-    superlink_was_up = _port_open(LOCAL_SUPERLINK_PORT)
+    running = local_superlink_pids()
+    # a SuperLink process counts even while its port is closed (starting, or shutting down): this run
+    # must neither start a second one nor stop one it did not start
+    superlink_was_up = _port_open(LOCAL_SUPERLINK_PORT) or bool(running)
     if superlink_was_up:
-        problem = superlink_mismatch(config, local_superlink_pids())
+        problem = superlink_mismatch(config, running)
         if problem:
             raise ConfigError(
                 f"a local SuperLink is already running on port {LOCAL_SUPERLINK_PORT}, but {problem}; this run would "

@@ -86,7 +86,7 @@ class Bookkeeping:
             return None, None
         kept = self.screen(server_round, replies)
         for msg in kept:  # count what crossed the network, then average in fp32
-            self.recorder.record_transfer(msg.content["arrays"].count_bytes(), 1)
+            self.recorder.record_transfer(msg.content["arrays"].count_bytes(), 1, upload=True)
             msg.content["arrays"] = ArrayRecord(decode(msg.content["arrays"].to_torch_state_dict()))
         return super().aggregate_train(server_round, kept)
 

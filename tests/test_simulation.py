@@ -58,6 +58,7 @@ def test_two_sites_two_rounds_synthetic_end_to_end(tmp_path):
     assert 0 < comm["update_bytes"] < comm["full_model_bytes"]
     # 2 rounds x 2 sites x (train down + up + validation down) + final test down
     assert comm["total_bytes_moved"] == comm["update_bytes"] * (2 * 2 * 3 + 2)
+    assert comm["uploads"] == 2 * 2 and comm["mean_upload_bytes"] == comm["update_bytes"]
 
     # the final adapter loads with PEFT on the backbone, and equals the last checkpoint
     config = load_config(out / "config.yaml")
@@ -201,6 +202,8 @@ def test_sites_with_ranks_4_8_16_and_personal_heads_federate_end_to_end(tmp_path
         assert sorted(p.name for p in (out / "ledger" / "personal").glob(f"{name}-round-*")) == [
             f"{name}-round-0001.safetensors", f"{name}-round-0002.safetensors"]
     assert results["pooled_personal"]["n"] == results["pooled"]["n"]
+    comm = results["communication"]  # sites send their own rank; the server sends the stack
+    assert comm["uploads"] == 2 * 3 and comm["mean_upload_bytes"] < comm["update_bytes"]
     assert "Personalized against global model" in (out / "report.md").read_text()
     assert main(["export", str(out)]) == 0  # the stacked adapter is a PEFT adapter with one rank per layer
     config = load_config(out / "config.yaml")

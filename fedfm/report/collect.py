@@ -98,7 +98,8 @@ def adapter_line(config: ExperimentConfig) -> str:
     text = f"{lora.variant} r={lora.r} alpha={lora.alpha}"
     if lora.site_ranks:
         ranks = ", ".join(f"{site} {rank}" for site, rank in sorted(lora.site_ranks.items()))
-        text += f", per-site ranks ({ranks}; stacked)"
+        cap = f", global rank <= {lora.stack_max_rank}" if lora.stack_max_rank else ""
+        text += f", per-site ranks ({ranks}; stacked{cap})"
     if lora.personal != "none":
         text += f", personal {lora.personal}"
     return text
@@ -224,6 +225,7 @@ def tradeoff_point(run: dict[str, Any]) -> dict[str, Any]:
             "pooled_auroc": run["pooled"].get("auroc", {}).get("value"),
             "worst_site_auroc": (run["worst_site"] or {}).get("auroc"),
             "update_bytes": comm.get("update_bytes"),
+            "mean_upload_bytes": comm.get("mean_upload_bytes"),
             "bytes_per_round": comm["total_bytes_moved"] / rounds if rounds and comm.get("total_bytes_moved") else None}
 
 

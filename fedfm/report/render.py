@@ -105,7 +105,7 @@ def _table_md(table: Table | None) -> str:
 def to_markdown(report: dict[str, Any]) -> str:
     out = [f"# fedfm report: {', '.join(r['name'] for r in report['runs'])}", "",
            f"Generated {report['generated']}. Figures are in report.html.", ""]
-    out.append(_table_md(runs_table(report)))
+    out += [_table_md(runs_table(report)), ""]
     for run in report["runs"]:
         out += [f"## Run {run['name']}", "", *[f"- {s}" for s in key_findings(run)], ""]
         out += [f"- **{k.replace('_', ' ')}**: {_plain(v)}" for k, v in run["summary"].items() if v not in (None, [], "")]

@@ -99,12 +99,14 @@ def runs_table(report: dict[str, Any]) -> Table | None:
     if len(report["runs"]) < 2:
         return None
     rows = [[p["run"], p.get("adapter", "-"), num(p["max_epsilon"], 3), num(p["pooled_auroc"]), num(p["worst_site_auroc"]),
-             _mb(p.get("update_bytes")), _mb(p.get("bytes_per_round"))] for p in report["tradeoff"]]
+             _mb(p.get("mean_upload_bytes")), _mb(p.get("update_bytes")), _mb(p.get("bytes_per_round"))]
+            for p in report["tradeoff"]]
     return Table("Runs side by side",
                  ["run", "adapter", "largest site epsilon", "pooled AUROC", "worst-site AUROC",
-                  "MB per adapter message", "MB moved per round"], rows,
-                 "MB per adapter message: the last adapter sent (the final model). MB moved per round: every adapter "
-                 "sent and received (training down and up, validation down), averaged over the run's rounds.")
+                  "MB per site upload", "MB final model sent", "MB moved per round"], rows,
+                 "MB per site upload: a site's train reply, averaged over the run. MB final model sent: the adapter "
+                 "the server sends at the end. MB moved per round: every adapter sent and received (training down "
+                 "and up, validation down), averaged over the run's rounds.")
 
 
 def _mb(x: Any) -> str:
