@@ -119,10 +119,10 @@ def run_simulation(
         raise ConfigError(f"fedfm simulate needs the fedfm app folder (with pyproject.toml); not found at {APP_DIR}")
     run_dir = Path(out).resolve() if resume else prepare_run_dir(config, out)
     command = flwr_command(config, write_run_config(config, run_dir, resume, until_round))
-    running = local_superlink_pids()
-    # a SuperLink process counts even while its port is closed (starting, or shutting down): this run
-    # must neither start a second one nor stop one it did not start
-    superlink_was_up = _port_open(LOCAL_SUPERLINK_PORT) or bool(running)
+    port_open, running = settled_superlink()
+    # a SuperLink process counts even while its port is closed: this run must neither start a
+    # second one nor stop one it did not start
+    superlink_was_up = port_open or bool(running)
     if superlink_was_up:
         problem = superlink_mismatch(config, running)
         if problem:
@@ -145,6 +145,16 @@ def run_simulation(
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
         raise RuntimeError(f"simulation did not complete (flwr exit {code}, status {status}); last log lines:\n{tail}")
     return run_dir
+
+
+def settled_superlink(timeout: float = 15.0) -> tuple[bool, list[int]]:
+    """(local SuperLink port open, its PIDs), once a SuperLink that is starting or stopping has settled."""
+    deadline = time.time() + timeout
+    while True:
+        port_open, pids = _port_open(LOCAL_SUPERLINK_PORT), local_superlink_pids()
+        if port_open or not pids or time.time() >= deadline:
+            return port_open, pids
+        time.sleep(0.5)
 
 
 def superlink_mismatch(config: ExperimentConfig, pids: list[int]) -> str | None:
