@@ -12,24 +12,14 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
 
-MODES = ("lora", "dp_lora", "dp_lora_stock", "full")
-# dp_lora: fedfm's DP-SGD (its pointwise-conv per-sample gradient); dp_lora_stock: Opacus' own conv sampler
-
-
-def _conv_sampler(mode: str):
-    """The Conv2d per-sample gradient function ``mode`` runs with (fedfm's, or Opacus' stock one)."""
-    from opacus.grad_sample.conv import compute_conv_grad_sample
-
-    from fedfm.training.grad_samplers import conv2d_grad_sample
-
-    return compute_conv_grad_sample if mode == "dp_lora_stock" else conv2d_grad_sample
+MODES = ("lora", "dp_lora", "full")
 
 
 def measure(backbone: str, mode: str, image_size: int, batch: int, steps: int, threads: int = 1) -> dict[str, Any]:
     """Time ``steps`` optimizer steps (after 2 warm-up steps) of ``mode`` in this process."""
     import numpy as np
     import torch
-    from opacus import GradSampleModule, PrivacyEngine
+    from opacus import PrivacyEngine
     from torch import nn
 
     from fedfm.config import LoraConfig, ModelConfig
@@ -48,10 +38,7 @@ def measure(backbone: str, mode: str, image_size: int, batch: int, steps: int, t
         model, _ = build_model(model_cfg, LoraConfig(r=8), 2, 1, image_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    registered = GradSampleModule.GRAD_SAMPLERS.get(nn.Conv2d)
-    sampler = _conv_sampler(mode)
-    GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = sampler  # restored below: the registry is process-wide
-    if mode.startswith("dp_lora"):
+    if mode == "dp_lora":
         engine = PrivacyEngine(accountant="rdp")
         model, optimizer, _ = engine.make_private(module=model, optimizer=optimizer, noise_multiplier=1.0,
                                                   max_grad_norm=1.0, data_loader=_loader(batch, image_size),
@@ -67,17 +54,13 @@ def measure(backbone: str, mode: str, image_size: int, batch: int, steps: int, t
         loss_fn(model(x), y).backward()
         optimizer.step()
 
-    try:
-        for _ in range(2):
-            step()
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        seconds = (time.perf_counter() - started) / steps
-    finally:
-        GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = registered
+    for _ in range(2):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - started) / steps
     return {"backbone": backbone, "mode": mode, "image_size": image_size, "batch": batch,
-            "conv_sampler": f"{sampler.__module__}.{sampler.__name__}" if mode.startswith("dp_lora") else None,
             "trainable_params": sum(p.numel() for p in params), "seconds_per_step": seconds,
             "peak_rss_mb": peak_rss_mb()}
 

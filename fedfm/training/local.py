@@ -24,7 +24,6 @@ from fedfm.config import PrivacyConfig, TrainConfig
 from fedfm.data.types import Split
 from fedfm.models.lora import train_mode
 from fedfm.privacy.accountant import SiteAccountant
-from fedfm.training import grad_samplers  # noqa: F401  (registers the pointwise-conv per-sample gradient)
 
 
 @dataclass(frozen=True)

@@ -74,32 +74,3 @@ def test_dp_step_without_noise_or_clipping_equals_plain_step(name, build, disabl
     for (n, p), (_, q) in zip(_trainable(plain), _trainable(model)):
         assert torch.allclose(p, q, atol=1e-6, rtol=1e-5), n
         assert not torch.equal(q, before[n]), f"{n} did not move"
-
-
-@pytest.mark.parametrize("conv", [
-    torch.nn.Conv2d(6, 4, 1),  # pointwise with bias: the batched-matmul path
-    torch.nn.Conv2d(6, 4, 1, bias=False),
-    torch.nn.Conv2d(6, 4, 3, padding=1),  # the rest goes to Opacus' unfold path
-    torch.nn.Conv2d(6, 6, 1, groups=3),
-    torch.nn.Conv2d(6, 4, 1, stride=2),
-])
-def test_fedfm_conv_sampler_equals_opacus_and_one_sample_backward(conv):
-    from opacus.grad_sample import GradSampleModule as GSM
-    from opacus.grad_sample.conv import compute_conv_grad_sample
-
-    from fedfm.training.grad_samplers import conv2d_grad_sample, is_pointwise
-
-    assert GSM.GRAD_SAMPLERS[torch.nn.Conv2d] is conv2d_grad_sample  # the import registered it
-    torch.manual_seed(0)
-    x = torch.randn(3, 6, 5, 5)
-    out = conv(x)
-    backprops = torch.randn_like(out)
-    ours = conv2d_grad_sample(conv, [x], backprops)
-    stock = compute_conv_grad_sample(conv, [x], backprops)
-    assert set(ours) == set(stock) == {p for p in conv.parameters()}
-    for param in ours:
-        torch.testing.assert_close(ours[param], stock[param], rtol=1e-5, atol=1e-6)
-        for i in range(3):  # and each sample's gradient is that of its own backward pass
-            (g,) = torch.autograd.grad(conv(x[i : i + 1]), param, backprops[i : i + 1])
-            torch.testing.assert_close(ours[param][i], g, rtol=1e-4, atol=1e-5)
-    assert is_pointwise(conv) == (conv.kernel_size == (1, 1) and conv.groups == 1 and conv.stride == (1, 1))
