@@ -24,6 +24,20 @@ def test_step_measurement_trains_what_each_mode_claims():
     assert all(r["seconds_per_step"] > 0 and r["peak_rss_mb"] > 0 for r in (lora, full, dp))
 
 
+def test_step_rows_take_the_median_run_and_compare_medians():
+    from fedfm.bench.steps import median_rows
+
+    def run(mode, t, rss):
+        return {"backbone": "b", "mode": mode, "seconds_per_step": t, "peak_rss_mb": rss}
+
+    rows = median_rows({("b", "lora"): [run("lora", 1.0, 10), run("lora", 3.0, 11), run("lora", 2.0, 12)],
+                        ("b", "dp_lora"): [run("dp_lora", 2.6, 20), run("dp_lora", 2.4, 21), run("dp_lora", 9.0, 22)]})
+    by_mode = {r["mode"]: r for r in rows}
+    assert by_mode["lora"]["seconds_per_step"] == 2.0 and by_mode["lora"]["peak_rss_mb"] == 12  # the median run's own
+    assert by_mode["dp_lora"]["runs_seconds_per_step"] == [2.6, 2.4, 9.0]
+    assert by_mode["dp_lora"]["x_lora"] == 2.6 / 2.0  # an outlier run does not move the ratio
+
+
 def test_bench_cli_writes_json_and_prints_the_table(tmp_path, capsys):
     assert main(["bench", "--only", "comm", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())

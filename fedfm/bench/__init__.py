@@ -45,7 +45,7 @@ def run_bench(out: Path, quick: bool = False, parts: tuple[str, ...] = PARTS) ->
         from fedfm.bench.steps import step_table
 
         report["steps"] = step_table(["vit-tiny", "efficientnet-lite0"], image_size=32, batch=32 if quick else 64,
-                                     steps=3 if quick else 10)
+                                     steps=3 if quick else 10, repeats=1 if quick else 3)
         save()
     if "scale" in parts:
         from fedfm.bench.scale import simulate_scale
@@ -69,8 +69,10 @@ def tables(report: dict[str, Any]) -> str:
     out = [f"Machine: {report['machine']['cpus']} CPUs, {report['machine']['memory_gib']} GiB, "
            f"CUDA {report['machine']['cuda']}, torch {report['machine']['torch']}"]
     if "steps" in report:
-        out += ["", "| backbone | mode | trainable params | s / step | x LoRA | peak RSS MB |", "|---|---|---|---|---|---|"]
+        out += ["", "| backbone | mode | trainable params | s / step (median) | every run | x LoRA | peak RSS MB |",
+                "|---|---|---|---|---|---|---|"]
         out += [f"| {r['backbone']} | {r['mode']} | {r['trainable_params']:,} | {r['seconds_per_step']:.3f} | "
+                f"{' '.join(f'{t:.3f}' for t in r.get('runs_seconds_per_step', [r['seconds_per_step']]))} | "
                 f"{r['x_lora']:.2f} | {r['peak_rss_mb']:.0f} |" for r in report["steps"]]
     if "comm" in report:
         out += ["", "| backbone | full model | LoRA | FFA-LoRA | LoRA fp16 | FFA fp16 | LoRA / full | FFA fp16 / full |",

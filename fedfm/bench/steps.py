@@ -84,15 +84,34 @@ def _loader(batch: int, image_size: int):
     return DataLoader(data, batch_size=batch)
 
 
-def step_table(backbones: list[str], image_size: int, batch: int, steps: int, threads: int = 1) -> list[dict[str, Any]]:
-    """Every (backbone, mode), each in its own process; adds the DP-LoRA / LoRA ratio."""
-    rows = []
+def step_table(backbones: list[str], image_size: int, batch: int, steps: int, threads: int = 1,
+               repeats: int = 3) -> list[dict[str, Any]]:
+    """Every (backbone, mode), ``repeats`` times, each in its own process; the median run counts.
+
+    Step times of one configuration vary by up to 30 % from one process to the next on a shared
+    machine, so one process per row is not enough to compare modes. Modes take turns (lora,
+    dp_lora, full, lora, ...) so a slow spell does not fall on one mode only.
+    """
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with ProcessPoolExecutor(1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
         for backbone in backbones:
-            for mode in MODES:
-                rows.append(pool.submit(measure, backbone, mode, image_size, batch, steps, threads).result())
-                print(f"[bench] {backbone} {mode}: {rows[-1]['seconds_per_step']:.3f} s/step", flush=True)
-    for backbone in backbones:
+            for _ in range(repeats):
+                for mode in MODES:
+                    row = pool.submit(measure, backbone, mode, image_size, batch, steps, threads).result()
+                    runs.setdefault((backbone, mode), []).append(row)
+                    print(f"[bench] {backbone} {mode}: {row['seconds_per_step']:.3f} s/step", flush=True)
+    return median_rows(runs)
+
+
+def median_rows(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (backbone, mode): its median run, every run's time, and the ratio to LoRA's median."""
+    rows = []
+    for (backbone, mode), measured in runs.items():
+        times = sorted(r["seconds_per_step"] for r in measured)
+        median = times[len(times) // 2]
+        row = next(r for r in measured if r["seconds_per_step"] == median)
+        rows.append({**row, "runs_seconds_per_step": [r["seconds_per_step"] for r in measured]})
+    for backbone in {r["backbone"] for r in rows}:
         by_mode = {r["mode"]: r for r in rows if r["backbone"] == backbone}
         for r in by_mode.values():
             r["x_lora"] = r["seconds_per_step"] / by_mode["lora"]["seconds_per_step"]
