@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
+import psutil
+
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -19,8 +23,16 @@ def site_for(context: Context) -> Site:
     return Site(config, site_id, ledger_dir(context.run_config, context.node_config))
 
 
+def process_age() -> float:
+    """Seconds since this process started. In deployment Flower 1.42 starts one ClientApp process per
+    message, so at the top of a handler this is its start-up: FAB install and imports (torch, peft, opacus).
+    In simulation the process is a long-lived Ray actor and the number is its age."""
+    return time.time() - psutil.Process().create_time()
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    age = process_age()
     site = site_for(context)
     adapter = msg.content["arrays"].to_torch_state_dict()
     try:
@@ -31,7 +43,7 @@ def train(msg: Message, context: Context) -> Message:
     except HeldOut as refusal:
         return Message(error=Error(code=HELD_OUT, reason=str(refusal)), reply_to=msg)
     sent = encode(reply.adapter, site.config.federation.transport)
-    content = RecordDict({"arrays": ArrayRecord(sent), "metrics": MetricRecord(reply.metrics)})
+    content = RecordDict({"arrays": ArrayRecord(sent), "metrics": MetricRecord({**reply.metrics, "process-age-s": age})})
     return Message(content=content, reply_to=msg)
 
 

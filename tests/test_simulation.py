@@ -41,6 +41,7 @@ def test_two_sites_two_rounds_synthetic_end_to_end(tmp_path):
     assert results["status"] == "complete"
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert all(r["participants"] == ["site-0", "site-1"] for r in results["rounds"])
+    assert all(m["process-age-s"] > 0 for r in results["rounds"] for m in r["train"].values())
     for name in ("site-0", "site-1"):
         site = results["sites"][name]
         assert site["n_train"] > 0 and site["n_val"] > 0 and site["n_test"] > 0

@@ -3,8 +3,10 @@
 - ``startup_s``: SuperLink up, 3 keys registered, 3 SuperNodes online;
 - ``round_s``: the ServerApp's time to the end of round 1 (training and validation);
 - ``compute_s``: the slowest site's local training time in that round (sites train in parallel);
-- ``other_s``: round minus compute: ClientApp process start-up (each call is a fresh process that
-  imports torch and builds the model), message transfer over TLS, validation.
+- ``clientapp_startup_s``: the slowest site's ClientApp process start-up before its train handler ran
+  (Flower 1.42 starts a fresh process per message: FAB install, imports of torch, peft and opacus);
+- ``other_s``: round minus compute: that start-up, model building, message transfer over TLS,
+  the validation messages (another process per site) and Flower's scheduling.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def deployment_round(sites: int = 3, image_size: int = 16) -> dict[str, Any]:
         raise RuntimeError(f"deployment benchmark run failed (exit {code}, status {results['status']})")
     first = results["rounds"][0]
     compute = max(m["train-seconds"] for m in first["train"].values())
+    clientapp_startup = max(m["process-age-s"] for m in first["train"].values())
     return {"sites": sites, "startup_s": startup, "round_s": first["elapsed_s"], "compute_s": compute,
+            "clientapp_startup_s": clientapp_startup,
             "other_s": first["elapsed_s"] - compute, "run_total_s": total,
             "update_bytes": results["communication"]["update_bytes"]}

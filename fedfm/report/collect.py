@@ -64,9 +64,17 @@ def collect_run(run_dir: Path) -> dict[str, Any]:
         "rounds": round_curves(config, results),
         "loso": loso_matrix(run_dir, results),
         "baselines": baselines(run_dir, results),
-        "communication": results.get("communication", {}),
+        "communication": _communication(config, results.get("communication", {})),
         "client_level": results.get("client_level"),
     }
+
+
+def _communication(config: ExperimentConfig, comm: dict[str, Any]) -> dict[str, Any]:
+    """results.json's byte counts; runs written before uploads were counted apart get them from the
+    adapter size, which every message shares unless the sites have their own ranks."""
+    if comm.get("mean_upload_bytes") is None and comm.get("update_bytes") and not config.lora.stacked:
+        return {**comm, "mean_upload_bytes": comm["update_bytes"]}
+    return comm
 
 
 def run_summary(config: ExperimentConfig, results: dict[str, Any]) -> dict[str, Any]:
