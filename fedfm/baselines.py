@@ -27,6 +27,7 @@ from fedfm.config import ExperimentConfig
 from fedfm.data import SiteData, Split, load_sites
 from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict
+from fedfm.models.stacking import stack
 from fedfm.results import SiteEvaluation, pooled_summary, test_summary, worst_site, write_json
 from fedfm.site import BudgetExhausted, Site, site_name
 
@@ -54,8 +55,10 @@ def train_alone(site: Site, rounds: int, log_prefix: str = "") -> tuple[dict[str
     """Train one site's adapter for ``rounds`` rounds on its own data, starting from the global init.
 
     Returns (adapter, per-round history, why it stopped early or None). A round its budget
-    refuses ends training, as in the federation.
+    refuses ends training, as in the federation. With per-site ranks (lora.site_ranks) each round's
+    adapter is stacked onto the global one, as the server does for a federation of one site.
     """
+    lora = site.config.lora
     adapter = adapter_state_dict(build_global_model(site.config))
     history: list[dict[str, Any]] = []
     for server_round in range(1, rounds + 1):
@@ -63,7 +66,7 @@ def train_alone(site: Site, rounds: int, log_prefix: str = "") -> tuple[dict[str
             reply = site.train(adapter, server_round)
         except BudgetExhausted as refusal:
             return adapter, history, str(refusal)
-        adapter = reply.adapter
+        adapter = stack(adapter, [(reply.adapter, 1.0)], lora.alpha, lora.stack_max_rank) if lora.stacked else reply.adapter
         entry = {"round": server_round, "train_loss": reply.metrics["train-loss"], "epsilon": reply.metrics["epsilon"]}
         history.append(entry)
         print(f"[fedfm] {log_prefix}round {server_round}/{rounds}: train loss {entry['train_loss']:.4f}, "

@@ -54,9 +54,12 @@ def pristine_backbone(model_cfg: ModelConfig, num_classes: int, in_channels: int
     return replace(backbone, model=copy.deepcopy(backbone.model))
 
 
-def global_model(spec: ModelSpec, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The global model: backbone + a scale-1 adapter with the ranks in ``state``, loaded from it."""
-    backbone = pristine_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size)
+def global_model(spec: ModelSpec, state: dict[str, torch.Tensor], backbone: Backbone | None = None) -> nn.Module:
+    """The global model: backbone + a scale-1 adapter with the ranks in ``state``, loaded from it.
+
+    ``backbone`` (a pristine copy, wrapped in place) saves a copy when the caller has one.
+    """
+    backbone = backbone or pristine_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size)
     config = global_lora_config(spec.lora)
     model = apply_lora(backbone, config, ranks=layer_ranks(state))
     setattr(model, SPEC_ATTR, ModelSpec(spec.model, config, spec.num_classes, spec.channels, spec.image_size))
@@ -73,8 +76,8 @@ def initial_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
 def site_model(spec: ModelSpec, rank: int, state: dict[str, torch.Tensor]) -> nn.Module:
     """What a site trains: the global adapter merged into the base weights, plus a fresh rank-``rank``
     adapter (seeded A, B = 0) and the global head, ready to train."""
-    merged = global_model(spec, state).merge_and_unload()
     backbone = pristine_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size)
+    merged = global_model(spec, state, backbone).merge_and_unload()
     site_cfg = spec.lora.model_copy(update={"r": rank})
     model = apply_lora(replace(backbone, model=merged), site_cfg)
     setattr(model, SPEC_ATTR, ModelSpec(spec.model, site_cfg, spec.num_classes, spec.channels, spec.image_size))

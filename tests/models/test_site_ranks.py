@@ -105,3 +105,17 @@ def test_stack_weights_each_site_by_its_share_and_its_scale():
 def test_site_ranks_config_errors_name_the_field_and_the_fix(items, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.").replace("?", r"\?")):
         load_config(None, items)
+
+
+def test_a_site_training_alone_with_its_own_rank_stacks_its_rounds(tmp_path):
+    """The local-only baseline under lora.site_ranks: a federation of one, stacked like the server does."""
+    from fedfm.baselines import evaluate_on, train_alone
+
+    config = load_config(None, [*FAST, "model.pretrained=false"])
+    site = Site(config, 1, tmp_path / "ledger")  # rank 8
+    adapter, history, stopped = train_alone(site, rounds=2)
+    assert stopped is None and [h["round"] for h in history] == [1, 2]
+    ranks = layer_ranks(adapter)
+    assert max(ranks.values()) == 2 * 8  # two rounds of rank 8, stacked at scale 1
+    evaluation = evaluate_on(site, adapter, site.data)
+    assert 0.0 <= evaluation.metrics["auroc"] <= 1.0 and len(evaluation.probs) == len(site.data.test)
