@@ -23,7 +23,9 @@ import yaml
 from fedfm.appconfig import APP_DIR
 from fedfm.config import ConfigError, ExperimentConfig
 
-LOCAL_SUPERLINK_PORT = 39093
+# the port of the SuperLink `flwr run` starts for local simulation (Flower 1.42 serves its Control,
+# Fleet and Runtime HTTP APIs there; the --control-api-address it is also given is no longer used)
+LOCAL_SUPERLINK_PORT = 39091
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:
