@@ -232,14 +232,22 @@ def _port_open(port: int) -> bool:
 
 
 def local_superlink_pids() -> list[int]:
-    """PIDs of the simulation SuperLink that ``flwr run`` starts (never a deployment SuperLink)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    """PIDs of the simulation SuperLink that ``flwr run`` starts (never a deployment SuperLink).
+
+    Read from /proc/PID/cmdline, not from ``ps``: ``ps`` cuts its output to the COLUMNS of the
+    environment (80 under pytest), which hid ``--simulation`` and with it every SuperLink.
+    """
     pids = []
-    for line in out.splitlines():
-        pid, _, args = line.strip().partition(" ")
-        if "flower-superlink" in args and "--simulation" in args.split():
-            pids.append(int(pid))
-    return pids
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"flower-superlink") for a in args) and b"--simulation" in args:
+            pids.append(int(entry.name))
+    return sorted(pids)
 
 
 def stop_local_superlink(timeout: float = 15.0) -> None:

@@ -1,8 +1,9 @@
 """federation.ray_address reaches Flower's Ray backend as RAY_ADDRESS, without local resource settings.
 
-An end-to-end test against a Ray head started by the test passes on its own but failed in a full
-CI run (a local SuperLink carrying an earlier test's RAY_ADDRESS was reused), so it is not here;
-see the README.
+An end-to-end test against a Ray head started by the test passed on its own but failed in a full
+CI run (a local SuperLink carrying an earlier test's RAY_ADDRESS was reused: SuperLinks were not
+found, hence not stopped, see ``local_superlink_pids``); it comes back once a full run confirms
+the fix. See the README.
 """
 
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fedfm.config import load_config
-from fedfm.simulate import federation_config, simulation_env, superlink_mismatch
+from fedfm.simulate import federation_config, local_superlink_pids, simulation_env, superlink_mismatch
 
 
 def test_ray_address_reaches_flower_and_drops_local_resources():
@@ -53,6 +54,7 @@ def fake_superlink():
 
 def test_a_running_superlink_from_another_ray_or_environment_is_named(fake_superlink, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("COLUMNS", "80")  # ps would cut the command line here; the PIDs come from /proc
     here = str(Path(sys.executable).parent)
     local = load_config(None, [])
     clustered = load_config(None, ["federation.ray_address=10.1.2.3:6379"])
@@ -64,4 +66,5 @@ def test_a_running_superlink_from_another_ray_or_environment_is_named(fake_super
     assert superlink_mismatch(local, [plain]) is None
     other = fake_superlink("/opt/other-env/bin", None)
     assert "another Python environment (/opt/other-env/bin)" in superlink_mismatch(local, [other])
+    assert {on_cluster, plain, other} <= set(local_superlink_pids())
 
