@@ -88,9 +88,12 @@ assert all(x["participants"] == ["site-0", "site-1"] for x in r["rounds"])
 assert all(0 < s["epsilon"] <= 8 for s in r["sites"].values())
 print(f"docker compose run complete: pooled test AUROC {r['pooled']['auroc']:.4f}, sites {sorted(r['sites'])}")
 EOF
-# the SuperLink really required TLS and authentication
-"${COMPOSE[@]}" logs superlink 2>&1 | grep -q "https://"
+# the SuperLink really required TLS and authentication (output to files first: `| grep -q` stops
+# reading at the first match, and under pipefail the writer's SIGPIPE failed the step)
+"${COMPOSE[@]}" logs superlink >"$WORK/superlink.log" 2>&1
+grep -q "https://" "$WORK/superlink.log" || { log "no https:// in the SuperLink's log"; tail -20 "$WORK/superlink.log"; exit 1; }
 log "SuperLink served HTTPS"
-"${COMPOSE[@]}" exec -T site-0 sh -c 'ls /ledger' | grep -q "site-0.jsonl"
+"${COMPOSE[@]}" exec -T site-0 sh -c 'ls /ledger' >"$WORK/ledger.txt"
+grep -q "site-0.jsonl" "$WORK/ledger.txt" || { log "site-0's ledger volume holds: $(cat "$WORK/ledger.txt")"; exit 1; }
 log "site-0 ledger in its own volume"
 log "passed in $(( $(date +%s) - START )) s"
