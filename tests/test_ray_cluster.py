@@ -1,21 +1,28 @@
-"""federation.ray_address reaches Flower's Ray backend as RAY_ADDRESS, without local resource settings.
+"""A simulation runs on an existing Ray cluster by configuration alone (federation.ray_address).
 
-An end-to-end test against a Ray head started by the test passed on its own but failed in a full
-CI run (a local SuperLink carrying an earlier test's RAY_ADDRESS was reused: SuperLinks were not
-found, hence not stopped, see ``local_superlink_pids``); it comes back once a full run confirms
-the fix. See the README.
+federation.ray_address reaches Flower's Ray backend as RAY_ADDRESS, without local resource
+settings; the slow test starts a Ray head and checks that the ClientApps ran as its actors.
 """
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from fedfm.cli import main
 from fedfm.config import load_config
-from fedfm.simulate import federation_config, local_superlink_pids, simulation_env, superlink_mismatch
+from fedfm.deploy.local import free_port
+from fedfm.simulate import (federation_config, local_superlink_pids, simulation_env, stop_local_superlink,
+                            superlink_mismatch)
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def test_ray_address_reaches_flower_and_drops_local_resources():
@@ -68,3 +75,37 @@ def test_a_running_superlink_from_another_ray_or_environment_is_named(fake_super
     assert "another Python environment (/opt/other-env/bin)" in superlink_mismatch(local, [other])
     assert {on_cluster, plain, other} <= set(local_superlink_pids())
 
+
+def _actor_classes(address: str, env: dict) -> set[str]:
+    """Class names of every actor the cluster has run (asked from a separate driver process)."""
+    script = (
+        "import json, ray; ray.init(address=%r, include_dashboard=False, logging_level='ERROR');"
+        "print(json.dumps(sorted({a['ActorClassName'] for a in ray._private.state.actors().values()})))"
+    ) % address
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.slow
+def test_simulation_runs_on_a_ray_head_started_by_the_test(tmp_path):
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats", f"--temp-dir={temp_dir}"], check=True, env=env, timeout=180,
+                   capture_output=True)
+    try:
+        stop_local_superlink()  # a SuperLink left running keeps its own Ray (fedfm simulate would refuse it)
+        out = tmp_path / "run"
+        args = ["simulate", str(REPO / "configs" / "quickstart.yaml"), "--out", str(out)]
+        for item in ("data.num_sites=2", "federation.rounds=1", "data.samples_per_site=60", "data.image_size=16",
+                     f"federation.ray_address=127.0.0.1:{port}", "eval.report=false"):
+            args += ["--set", item]
+        assert main(args) == 0
+        assert json.loads((out / "results.json").read_text())["status"] == "complete"
+        # the ClientApps ran as actors of this cluster: its actor table (GCS) lists them
+        assert "ClientAppActor" in _actor_classes(f"127.0.0.1:{port}", env)
+    finally:
+        stop_local_superlink()  # it is bound to this cluster: never leave it for a later run
+        subprocess.run([RAY, "stop", "--force"], env=env, timeout=120, capture_output=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
