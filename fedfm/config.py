@@ -130,6 +130,7 @@ class PrivacyConfig(_Section):
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["prv", "rdp"] = "prv"
     secure_mode: bool = False
+    grad_sampler: Literal["fused", "opacus"] = "fused"
     budget: BudgetConfig = BudgetConfig()
     client: ClientDPConfig = ClientDPConfig()
 

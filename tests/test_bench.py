@@ -20,8 +20,16 @@ def test_step_measurement_trains_what_each_mode_claims():
     lora = measure("vit-tiny", "lora", 16, batch=4, steps=1)
     full = measure("vit-tiny", "full", 16, batch=4, steps=1)
     dp = measure("vit-tiny", "dp_lora", 16, batch=4, steps=1)
-    assert lora["trainable_params"] == dp["trainable_params"] < full["trainable_params"]
-    assert all(r["seconds_per_step"] > 0 and r["peak_rss_mb"] > 0 for r in (lora, full, dp))
+    hooks = measure("vit-tiny", "dp_lora_opacus", 16, batch=4, steps=1)
+    assert lora["trainable_params"] == dp["trainable_params"] == hooks["trainable_params"] < full["trainable_params"]
+    assert all(r["seconds_per_step"] > 0 and r["peak_rss_mb"] > 0 for r in (lora, full, dp, hooks))
+
+
+def test_modes_taking_turns_in_one_process_each_train_their_own_model():
+    from fedfm.bench.steps import MODES, interleaved
+
+    times = interleaved("efficientnet-lite0", 16, batch=4, steps=1, turns=2)
+    assert set(times) == set(MODES) and all(t > 0 for t in times.values())
 
 
 def test_step_rows_take_the_median_run_and_compare_medians():

@@ -1,6 +1,7 @@
 """``fedfm bench [--quick] [--out DIR]``: the three costs users compare, measured in one sitting.
 
-1. DP overhead: seconds per step of DP-LoRA, LoRA and full fine-tuning (and peak memory), per backbone.
+1. DP overhead: seconds per step of DP-LoRA (fedfm's fused per-sample gradients, and Opacus' hooks),
+   LoRA and full fine-tuning (and peak memory), per backbone.
 2. Communication: bytes of one site update (LoRA, FFA-LoRA, fp16) against the full model.
 3. Simulation scale: wall time per round and peak memory for 10, 50 and 100 virtual sites.
 4. Deployment: one round with 3 local SuperNodes, split into start-up, compute and the rest.
@@ -45,7 +46,7 @@ def run_bench(out: Path, quick: bool = False, parts: tuple[str, ...] = PARTS) ->
         from fedfm.bench.steps import step_table
 
         report["steps"] = step_table(["vit-tiny", "efficientnet-lite0"], image_size=32, batch=32 if quick else 64,
-                                     steps=3 if quick else 10, repeats=1 if quick else 3)
+                                     steps=3 if quick else 10, repeats=1 if quick else 3, turns=2 if quick else 5)
         save()
     if "scale" in parts:
         from fedfm.bench.scale import simulate_scale
@@ -69,11 +70,13 @@ def tables(report: dict[str, Any]) -> str:
     out = [f"Machine: {report['machine']['cpus']} CPUs, {report['machine']['memory_gib']} GiB, "
            f"CUDA {report['machine']['cuda']}, torch {report['machine']['torch']}"]
     if "steps" in report:
-        out += ["", "| backbone | mode | trainable params | s / step (median) | every run | x LoRA | peak RSS MB |",
-                "|---|---|---|---|---|---|---|"]
+        out += ["", "| backbone | mode | trainable params | s / step (median) | every run | x LoRA | "
+                "s / step, modes taking turns | x LoRA, modes taking turns | peak RSS MB |",
+                "|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {r['backbone']} | {r['mode']} | {r['trainable_params']:,} | {r['seconds_per_step']:.3f} | "
                 f"{' '.join(f'{t:.3f}' for t in r.get('runs_seconds_per_step', [r['seconds_per_step']]))} | "
-                f"{r['x_lora']:.2f} | {r['peak_rss_mb']:.0f} |" for r in report["steps"]]
+                f"{r['x_lora']:.2f} | {r.get('interleaved_seconds_per_step', float('nan')):.3f} | "
+                f"{r.get('x_lora_interleaved', float('nan')):.2f} | {r['peak_rss_mb']:.0f} |" for r in report["steps"]]
     if "comm" in report:
         out += ["", "| backbone | full model | LoRA | FFA-LoRA | LoRA fp16 | FFA fp16 | LoRA / full | FFA fp16 / full |",
                 "|---|---|---|---|---|---|---|---|"]

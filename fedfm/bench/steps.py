@@ -1,33 +1,45 @@
 """Seconds per training step and peak memory: DP-LoRA, LoRA and full fine-tuning, same model and data.
 
-Each measurement runs in a fresh process (spawned), so its peak resident memory is its own and
-no cache or allocator state carries over from another mode.
+Modes: ``lora`` (no DP), ``dp_lora`` (fedfm's DP-SGD as training runs it: fused per-sample
+gradients, ``privacy.grad_sampler: fused``), ``dp_lora_opacus`` (the same with Opacus' hooks,
+``privacy.grad_sampler: opacus``) and ``full`` (every weight, no DP).
+
+Two measurements. Each (backbone, mode) runs in fresh processes (spawned), so its peak resident
+memory is its own; the median of the processes counts. And the ratios to LoRA are measured once
+more with every mode's model in one process, taking turns, which removes the process-to-process
+variation (up to 30 % here) from the comparison.
 """
 
 from __future__ import annotations
 
 import resource
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from multiprocessing import get_context
 from typing import Any
 
-MODES = ("lora", "dp_lora", "full")
+MODES = ("lora", "dp_lora", "dp_lora_opacus", "full")
+GRAD_SAMPLER = {"dp_lora": "fused", "dp_lora_opacus": "opacus"}
 
 
-def measure(backbone: str, mode: str, image_size: int, batch: int, steps: int, threads: int = 1) -> dict[str, Any]:
-    """Time ``steps`` optimizer steps (after 2 warm-up steps) of ``mode`` in this process."""
+@contextmanager
+def stepper(backbone: str, mode: str, image_size: int, batch: int) -> Iterator[tuple[Callable[[], None], int]]:
+    """(one optimizer step of ``mode`` on a fixed random batch, trainable parameter count)."""
     import numpy as np
     import torch
-    from opacus import PrivacyEngine
     from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
 
-    from fedfm.config import LoraConfig, ModelConfig
+    from fedfm.config import LoraConfig, ModelConfig, PrivacyConfig
     from fedfm.models import build_model
     from fedfm.models.lora import train_mode
     from fedfm.models.registry import build_backbone
+    from fedfm.privacy.accountant import SiteAccountant
+    from fedfm.training.local import private_training
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     model_cfg = ModelConfig(backbone=backbone, pretrained=False)
     if mode == "full":
@@ -38,31 +50,73 @@ def measure(backbone: str, mode: str, image_size: int, batch: int, steps: int, t
         model, _ = build_model(model_cfg, LoraConfig(r=8), 2, 1, image_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    if mode == "dp_lora":
-        engine = PrivacyEngine(accountant="rdp")
-        model, optimizer, _ = engine.make_private(module=model, optimizer=optimizer, noise_multiplier=1.0,
-                                                  max_grad_norm=1.0, data_loader=_loader(batch, image_size),
-                                                  poisson_sampling=False)
-    train_mode(model)
     rng = np.random.default_rng(0)
     x = torch.tensor(rng.random((batch, 1, image_size, image_size), dtype=np.float32))
     y = torch.tensor(rng.integers(0, 2, batch))
     loss_fn = nn.CrossEntropyLoss()
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        optimizer.step()
+    @contextmanager
+    def private() -> Iterator[tuple[nn.Module, torch.optim.Optimizer]]:
+        if mode not in GRAD_SAMPLER:
+            yield model, optimizer
+            return
+        loader = DataLoader(TensorDataset(x, y), batch_size=batch)  # sets the expected batch size
+        privacy = PrivacyConfig(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp",
+                                grad_sampler=GRAD_SAMPLER[mode])
+        with private_training(model, optimizer, loader, privacy, SiteAccountant("rdp"), 1.0) as (m, opt, _):
+            yield m, opt
 
-    for _ in range(2):
-        step()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    seconds = (time.perf_counter() - started) / steps
+    # Opacus' hooks note that the frozen input layer needs no gradient; as in training, expected
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    with private() as (trained, opt):
+        train_mode(trained)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(trained(x), y).backward()
+            opt.step()
+
+        yield step, sum(p.numel() for p in params)
+
+
+def measure(backbone: str, mode: str, image_size: int, batch: int, steps: int, threads: int = 1) -> dict[str, Any]:
+    """Time ``steps`` optimizer steps (after 2 warm-up steps) of ``mode`` in this process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    with stepper(backbone, mode, image_size, batch) as (step, trainable):
+        for _ in range(2):
+            step()
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds = (time.perf_counter() - started) / steps
     return {"backbone": backbone, "mode": mode, "image_size": image_size, "batch": batch,
-            "trainable_params": sum(p.numel() for p in params), "seconds_per_step": seconds,
-            "peak_rss_mb": peak_rss_mb()}
+            "trainable_params": trainable, "seconds_per_step": seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def interleaved(backbone: str, image_size: int, batch: int, steps: int, turns: int, threads: int = 1) -> dict[str, float]:
+    """Median seconds per step of every mode, all built in this process and taking ``turns`` turns
+    of ``steps`` steps each (after 2 warm-up steps), so a slow spell falls on every mode alike."""
+    from contextlib import ExitStack
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    with ExitStack() as stack:
+        steps_of = {mode: stack.enter_context(stepper(backbone, mode, image_size, batch))[0] for mode in MODES}
+        for step in steps_of.values():
+            for _ in range(2):
+                step()
+        for _ in range(turns):
+            for mode, step in steps_of.items():
+                started = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                times[mode].append((time.perf_counter() - started) / steps)
+    return {mode: float(np.median(t)) for mode, t in times.items()}
 
 
 def peak_rss_mb() -> float:
@@ -76,23 +130,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _loader(batch: int, image_size: int):
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
-    data = TensorDataset(torch.zeros(batch, 1, image_size, image_size), torch.zeros(batch, dtype=torch.long))
-    return DataLoader(data, batch_size=batch)
-
-
 def step_table(backbones: list[str], image_size: int, batch: int, steps: int, threads: int = 1,
-               repeats: int = 3) -> list[dict[str, Any]]:
+               repeats: int = 3, turns: int = 5) -> list[dict[str, Any]]:
     """Every (backbone, mode), ``repeats`` times, each in its own process; the median run counts.
+    Then, per backbone, one process with every mode taking ``turns`` turns: ``x_lora_interleaved``.
 
     Step times of one configuration vary by up to 30 % from one process to the next on a shared
     machine, so one process per row is not enough to compare modes. Modes take turns (lora,
-    dp_lora, full, lora, ...) so a slow spell does not fall on one mode only.
+    dp_lora, ..., lora, ...) so a slow spell does not fall on one mode only.
     """
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    together: dict[str, dict[str, float]] = {}
     with ProcessPoolExecutor(1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
         for backbone in backbones:
             for _ in range(repeats):
@@ -100,7 +148,16 @@ def step_table(backbones: list[str], image_size: int, batch: int, steps: int, th
                     row = pool.submit(measure, backbone, mode, image_size, batch, steps, threads).result()
                     runs.setdefault((backbone, mode), []).append(row)
                     print(f"[bench] {backbone} {mode}: {row['seconds_per_step']:.3f} s/step", flush=True)
-    return median_rows(runs)
+            together[backbone] = pool.submit(interleaved, backbone, image_size, batch,
+                                             max(1, steps // 2), turns, threads).result()
+            print(f"[bench] {backbone}, modes taking turns in one process: "
+                  + ", ".join(f"{m} {t:.3f}" for m, t in together[backbone].items()), flush=True)
+    rows = median_rows(runs)
+    for row in rows:
+        times = together[row["backbone"]]
+        row["interleaved_seconds_per_step"] = times[row["mode"]]
+        row["x_lora_interleaved"] = times[row["mode"]] / times["lora"]
+    return rows
 
 
 def median_rows(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 With privacy on, Opacus' ``PrivacyEngine.make_private`` wraps the model, optimizer and a
 Poisson-sampled data loader; the engine is handed the site's persistent accountant, so the
-round's steps compose onto the site's whole history instead of starting a new one.
+round's steps compose onto the site's whole history instead of starting a new one. Per-sample
+gradients come from :mod:`fedfm.training.per_sample` (or Opacus' hooks: ``privacy.grad_sampler``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +26,7 @@ from fedfm.config import PrivacyConfig, TrainConfig
 from fedfm.data.types import Split
 from fedfm.models.lora import train_mode
 from fedfm.privacy.accountant import SiteAccountant
+from fedfm.training.per_sample import per_sample_linear_layers, unsupported_layer, use_fast_clipping
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,42 @@ def train_round(
         losses = _run_steps(model, optimizer, loader, plan.steps, lambda: None)
         return RoundOutcome(plan.steps, float(np.mean(losses)), 0.0, plan.sample_rate)
 
+    with private_training(model, optimizer, loader, privacy_cfg, accountant, noise_multiplier) as (
+        private_model, private_opt, private_loader,
+    ):
+        if on_private_optimizer is not None:
+            on_private_optimizer(private_opt, private_loader.sample_rate)
+        start = accountant.total_steps
+        with BatchMemoryManager(
+            data_loader=private_loader,
+            max_physical_batch_size=train_cfg.max_physical_batch_size,
+            optimizer=private_opt,
+        ) as physical_loader:
+            losses = _run_steps(
+                private_model, private_opt, physical_loader, plan.steps,
+                lambda: accountant.total_steps - start,
+            )
+    taken = accountant.total_steps - start
+    return RoundOutcome(taken, float(np.mean(losses)) if losses else float("nan"),
+                        noise_multiplier, private_loader.sample_rate)
+
+
+@contextmanager
+def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                     privacy_cfg: PrivacyConfig, accountant: SiteAccountant, noise_multiplier: float):
+    """Opacus' private model, optimizer and Poisson loader for ``model``, charged to ``accountant``.
+
+    Per-sample gradients come from ``privacy.grad_sampler``: ``fused`` (fedfm's
+    :mod:`fedfm.training.per_sample`, for adapters whose trainable layers are all Linear or 1x1
+    convolutions; any other layer falls back to Opacus' hooks, with a warning) or ``opacus``.
+    """
+    fused = privacy_cfg.grad_sampler == "fused"
+    problem = unsupported_layer(model) if fused else None
+    if problem is not None:
+        warnings.warn(f"privacy.grad_sampler=fused: {problem} is not a Linear or 1x1 Conv2d layer, "
+                      "so Opacus' hooks compute its per-sample gradients (set privacy.grad_sampler=opacus "
+                      "to silence this)", stacklevel=2)
+        fused = False
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=accountant.mechanism, secure_mode=privacy_cfg.secure_mode)
@@ -93,25 +132,17 @@ def train_round(
             noise_multiplier=noise_multiplier,
             max_grad_norm=privacy_cfg.max_grad_norm,
             poisson_sampling=True,
+            grad_sample_mode="no_op" if fused else "hooks",
         )
-    if on_private_optimizer is not None:
-        on_private_optimizer(private_opt, private_loader.sample_rate)
-    start = accountant.total_steps
     try:
-        with BatchMemoryManager(
-            data_loader=private_loader,
-            max_physical_batch_size=train_cfg.max_physical_batch_size,
-            optimizer=private_opt,
-        ) as physical_loader:
-            losses = _run_steps(
-                private_model, private_opt, physical_loader, plan.steps,
-                lambda: accountant.total_steps - start,
-            )
+        if fused:
+            use_fast_clipping(private_opt)
+            with per_sample_linear_layers(model):
+                yield private_model, private_opt, private_loader
+        else:
+            yield private_model, private_opt, private_loader
     finally:
-        private_model._close()  # remove Opacus hooks from the (discarded) wrapper
-    taken = accountant.total_steps - start
-    return RoundOutcome(taken, float(np.mean(losses)) if losses else float("nan"),
-                        noise_multiplier, private_loader.sample_rate)
+        private_model._close()  # remove Opacus' hooks (if any) and per-sample state from the discarded wrapper
 
 
 def _run_steps(model, optimizer, loader, steps: int, dp_steps_taken) -> list[float]:

@@ -1,4 +1,4 @@
-"""Opacus per-sample gradients of the LoRA model equal one-sample backward passes."""
+"""Per-sample gradients of the LoRA model (Opacus' hooks and fedfm's fused layers) equal one-sample backward passes."""
 
 import copy
 
@@ -9,6 +9,7 @@ from opacus import GradSampleModule, PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedfm.models import train_mode
+from fedfm.training.per_sample import per_sample_linear_layers
 
 BATCH = 5
 
@@ -22,15 +23,22 @@ def _trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+@pytest.mark.parametrize("sampler", ["opacus", "fused"])
 @pytest.mark.parametrize("name", ["vit-tiny", "efficientnet-lite0", "hf-vit", "hf-dinov2"])
-def test_per_sample_gradients_match_one_sample_backward(name, build, disable_dropout, randomize_lora_b):
+def test_per_sample_gradients_match_one_sample_backward(name, sampler, build, disable_dropout, randomize_lora_b):
     model, backbone = build(name)
     randomize_lora_b(disable_dropout(model))
     reference = train_mode(copy.deepcopy(model))
     x, y = _batch(backbone.image_size)
 
-    gsm = train_mode(GradSampleModule(model, loss_reduction="sum"))
-    F.cross_entropy(gsm(x), y, reduction="sum").backward()
+    if sampler == "opacus":
+        gsm = train_mode(GradSampleModule(model, loss_reduction="sum"))
+        F.cross_entropy(gsm(x), y, reduction="sum").backward()
+    else:
+        with per_sample_linear_layers(model, loss_reduction="sum"):
+            F.cross_entropy(train_mode(model)(x), y, reduction="sum").backward()
+        # the summed weight gradient, which DP-SGD would discard, is never computed
+        assert all(p.grad is None for _, p in _trainable(model))
     names = [n for n, _ in _trainable(model)]
     assert any("lora_A" in n for n in names) and any("modules_to_save" in n for n in names)
     per_sample = {n: p.grad_sample for n, p in _trainable(model)}
