@@ -7,7 +7,7 @@ gradients, ``privacy.grad_sampler: fused``), ``dp_lora_opacus`` (the same with O
 Two measurements. Each (backbone, mode) runs in fresh processes (spawned), so its peak resident
 memory is its own; the median of the processes counts. And the ratios to LoRA are measured once
 more with every mode's model in one process, taking turns, which removes the process-to-process
-variation (up to 30 % here) from the comparison.
+variation (up to 40 % here) from the comparison.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def step_table(backbones: list[str], image_size: int, batch: int, steps: int, th
     """Every (backbone, mode), ``repeats`` times, each in its own process; the median run counts.
     Then, per backbone, one process with every mode taking ``turns`` turns: ``x_lora_interleaved``.
 
-    Step times of one configuration vary by up to 30 % from one process to the next on a shared
+    Step times of one configuration vary by up to 40 % from one process to the next on a shared
     machine, so one process per row is not enough to compare modes. Modes take turns (lora,
     dp_lora, ..., lora, ...) so a slow spell does not fall on one mode only.
     """

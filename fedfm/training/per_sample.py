@@ -8,8 +8,8 @@ Every trainable layer of a fedfm adapter is a linear map without padding: a LoRA
 For those, :class:`PerSampleLinear` does the whole job in its backward: the input gradient, and
 each trainable weight's per-sample gradient as one batched matmul, written to ``p.grad_sample``
 as Opacus' hooks would (scaled by the batch size for a mean loss), and no summed weight
-gradient. Opacus still does everything privacy rests on: Poisson sampling, clipping, noise and
-accounting (``make_private(..., grad_sample_mode="no_op")``).
+gradient. Opacus still does Poisson sampling, noise and accounting
+(``make_private(..., grad_sample_mode="no_op")``).
 
 :func:`clip_and_accumulate` clips with the same arithmetic as ``DPOptimizer`` (per-sample norm
 over all parameters, factor ``min(1, C / (norm + 1e-6))``), with one matrix-vector product per
