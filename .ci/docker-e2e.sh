@@ -56,9 +56,21 @@ log "compose files valid"
 
 # 3. A local base image: Debian from the mirror apt already uses, imported (no registry pull)
 if ! docker image inspect fedfm-base:bookworm >/dev/null 2>&1; then
-  mirror=$(grep -h -m1 -oE 'https?://[^ ]+/debian' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | head -1)
-  log "debootstrap bookworm from ${mirror:-http://deb.debian.org/debian}"
-  timeout 600 debootstrap --variant=minbase bookworm "$WORK/rootfs" "${mirror:-http://deb.debian.org/debian}" >/dev/null
+  # The mirror apt really uses: DEBIAN_MIRROR if set, else the first uncommented `URIs:` line of a
+  # deb822 .sources file, else the first `deb` line of a one-line-style list. Comments are skipped
+  # (debian.sources carries a commented-out snapshot URL) and missing files are not an error.
+  mirror=${DEBIAN_MIRROR:-}
+  if [ -z "$mirror" ]; then
+    mirror=$( { cat /etc/apt/sources.list.d/*.sources 2>/dev/null || true; } \
+      | awk '/^[[:space:]]*URIs:/ { for (i = 2; i <= NF; i++) if ($i ~ /\/debian\/?$/) { print $i; exit } }')
+  fi
+  if [ -z "$mirror" ]; then
+    mirror=$( { cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true; } \
+      | awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^https?:\/\/.*\/debian\/?$/) { print $i; exit } }')
+  fi
+  mirror=${mirror:-http://deb.debian.org/debian}
+  log "debootstrap bookworm from $mirror"
+  timeout 600 debootstrap --variant=minbase bookworm "$WORK/rootfs" "$mirror" >/dev/null
   tar -C "$WORK/rootfs" -c . | docker import - fedfm-base:bookworm >/dev/null
   rm -rf "$WORK/rootfs"
 fi
