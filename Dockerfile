@@ -9,6 +9,8 @@
 #   TORCH_VERSION    torch release to install (CPU build unless TORCH_INDEX_URL says otherwise)
 #   TORCH_INDEX_URL  wheel index for torch (default: PyTorch's CPU index); a torch wheel placed in
 #                    docker/wheels/ is used instead and needs no network
+#   FEDFM_EXTRAS     pip extras of fedfm to install, e.g. "ct" for the astra-ct backbone's weights
+#                    (187 MB); default none
 # A TLS-intercepting proxy: put its CA certificate(s) (*.crt) into docker/ca/ before building;
 # they are added to the image's trust store and used by apt and pip.
 ARG BASE_IMAGE=python:3.11-slim
@@ -16,6 +18,7 @@ FROM ${BASE_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG FEDFM_EXTRAS=""
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -53,7 +56,7 @@ COPY fedfm/ fedfm/
 COPY server/ server/
 COPY clients/ clients/
 COPY configs/ configs/
-RUN pip install -q -c /opt/venv/constraints.txt -e . \
+RUN pip install -q -c /opt/venv/constraints.txt -e ".${FEDFM_EXTRAS:+[$FEDFM_EXTRAS]}" \
     && useradd --create-home --uid 10001 fedfm \
     && mkdir -p /state /ledger /runs /data /home/fedfm/.flwr \
     && chown -R fedfm:fedfm /state /ledger /runs /home/fedfm /app

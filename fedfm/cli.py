@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure DP overhead, bytes per update, simulation scale, deployment latency")
     bench.add_argument("--quick", action="store_true", help="fewer steps and sites (minutes, not an hour)")
     bench.add_argument("--out", default="runs/bench", help="where to write bench.json (default: runs/bench)")
-    bench.add_argument("--only", default=None, metavar="PARTS", help="comma-separated subset of steps,comm,scale,deploy")
+    bench.add_argument("--only", default=None, metavar="PARTS", help="comma-separated subset of steps,comm,scale,deploy,foundation")
     check = sub.add_parser("config", help="validate a config and print it resolved")
     check.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")

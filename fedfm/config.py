@@ -32,6 +32,9 @@ class DataConfig(_Section):
     alpha: float = Field(0.5, gt=0)
     seed: int = 0
     image_size: int = Field(32, ge=8)
+    # 2: images (N, C, S, S); 3: volumes (N, C, S, S, S), S = image_size. None = read from the data
+    # (a MedMNIST file's array shape; synthetic and folder default to 2); folder supports only 2
+    spatial_dims: Literal[2, 3] | None = None
     num_classes: int = Field(2, ge=2)
     samples_per_site: int = Field(300, ge=10)
     site_shift: float = Field(1.0, ge=0)
@@ -166,6 +169,10 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1)
     seed: int = 0
+    # compute the frozen, deterministic start of the network once per image and train the rest from it
+    activation_cache: bool = True
+    activation_cache_dtype: Literal["float32", "float16"] = "float32"  # float16: half the file, not exact
+    activation_cache_dir: str | None = None  # null = the site's own folder (next to its ledger)
 
 
 Baseline = Literal["local", "centralized", "centralized_nodp", "federated_nodp"]
@@ -174,6 +181,8 @@ Baseline = Literal["local", "centralized", "centralized_nodp", "federated_nodp"]
 class EvalConfig(_Section):
     batch_size: int = Field(256, ge=1)
     every_round: bool = True
+    # false: no final test evaluation (a hyperparameter search reads validation metrics only)
+    test: bool = True
     share_predictions: bool = True
     holdout_sites: list[int] = Field(default_factory=list)
     leave_one_site_out: bool = False

@@ -57,7 +57,8 @@ def merged_description(spec: ModelSpec) -> dict:
         "num_classes": spec.num_classes,
         "channels": spec.channels,
         "image_size": spec.image_size,
-        "input": f"float32 (N, {spec.channels}, {spec.image_size}, {spec.image_size}) in [0, 1]; "
+        "spatial_dims": spec.spatial_dims,
+        "input": f"float32 (N, {spec.channels}, {', '.join([str(spec.image_size)] * spec.spatial_dims)}) in [0, 1]; "
                  "the model normalises internally",
         "output": f"logits (N, {spec.num_classes})",
         "lora_merged": spec.lora.model_dump(),
@@ -77,6 +78,7 @@ def load_merged(folder: str | Path) -> nn.Module:
         )
     # every weight is in the file, so nothing pretrained is loaded first
     model_cfg = ModelConfig(backbone=spec["backbone"], pretrained=False)
-    backbone = build_backbone(model_cfg, spec["num_classes"], spec["channels"], spec["image_size"])
+    backbone = build_backbone(model_cfg, spec["num_classes"], spec["channels"], spec["image_size"],
+                              int(spec.get("spatial_dims", 2)))
     backbone.model.load_state_dict(load_file(str(folder / spec["weights"])), strict=True)
     return backbone.model.eval()

@@ -17,7 +17,9 @@ from fedfm.models import stacking
 def build_global_model(config: ExperimentConfig) -> nn.Module:
     info = dataset_info(config.data)
     if config.lora.stacked:
-        spec = ModelSpec(config.model, config.lora, info.num_classes, info.channels, config.data.image_size)
+        spec = ModelSpec(config.model, config.lora, info.num_classes, info.channels, config.data.image_size,
+                         info.spatial_dims)
         return stacking.global_model(spec, stacking.initial_state(spec))
-    model, _ = build_model(config.model, config.lora, info.num_classes, info.channels, config.data.image_size)
+    model, _ = build_model(config.model, config.lora, info.num_classes, info.channels, config.data.image_size,
+                           info.spatial_dims)
     return model

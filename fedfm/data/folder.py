@@ -9,6 +9,7 @@ Sites are the sorted site folder names and ``data.num_sites`` must equal their c
 ``data.partition`` and ``data.alpha`` are ignored. Classes are the sorted union of class folder
 names over all sites and splits, with the same index everywhere. If any image is RGB, gray
 images are repeated to 3 channels. PNG and .npy are read without Pillow; other formats need it.
+Images are 2D only: ``data.spatial_dims=3`` is an error.
 """
 
 from __future__ import annotations
@@ -132,6 +133,11 @@ def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
 def load_folder_sites(cfg: DataConfig) -> list[SiteData]:
     """All sites under ``cfg.path`` (one per site folder, sorted by name)."""
     assert cfg.path  # DataConfig guarantees it for source=folder
+    if cfg.spatial_dims == 3:
+        raise DataError(
+            "data.spatial_dims=3 is not supported for data.source=folder (2D images only): set "
+            "data.spatial_dims=2 or null, or store the volumes as a MedMNIST-style .npz (data.source=medmnist)"
+        )
     root = Path(cfg.path).expanduser()
     if not root.is_dir():
         raise DataError(f"data.path '{cfg.path}' is not a folder: give a folder of site folders of class folders")

@@ -1,4 +1,10 @@
-"""MedMNIST 2D ``.npz`` files (any of them), read from ``data.path`` or downloaded by ``data.name``.
+"""MedMNIST ``.npz`` files (2D or 3D, any of them), read from ``data.path`` or downloaded by ``data.name``.
+
+2D files hold (N, H, W) gray or (N, H, W, 3) RGB images; 3D files (e.g. organmnist3d,
+nodulemnist3d, and their ``_64`` variants) hold (N, D, H, W) gray volumes with D = H = W (28 or
+64). Which one a file is comes from its ``train_images`` shape by
+:func:`fedfm.data.resize.raw_spatial_dims`; ``data.spatial_dims``, if set, must agree with it
+(and is needed only for non-cubic volumes). Volumes come out (N, 1, S, S, S), S = data.image_size.
 
 The official train/val/test splits are kept: each is partitioned across sites on its own, so a
 site's train examples come only from ``train_images`` and so on. With ``data.partition=natural``
@@ -19,7 +25,7 @@ import numpy as np
 from fedfm.config import DataConfig
 from fedfm.data.errors import DataError
 from fedfm.data.partition import natural_partition, partition_indices
-from fedfm.data.resize import prepare_images
+from fedfm.data.resize import prepare_images, raw_spatial_dims
 from fedfm.data.sites import SPLITS, site_from_splits
 from fedfm.data.types import SiteData
 
@@ -46,6 +52,19 @@ def medmnist_info() -> dict[str, Any]:
     return INFO
 
 
+def _known_names(info: dict[str, Any]) -> str:
+    """The downloadable names, 2D and 3D, each group with the ``_<size>`` variants it offers."""
+    groups = []
+    for label, is_3d in (("2D", False), ("3D", True)):
+        names = sorted(k for k in info if k.endswith("3d") == is_3d)
+        if not names:
+            continue
+        sizes = [s for s in _SIZES if any(f"url_{s}" in info[k] for k in names)]
+        variants = f" (or add {'/'.join('_' + s for s in sizes)})" if sizes else ""
+        groups.append(f"{label}: {', '.join(names)}{variants}")
+    return "; ".join(groups)
+
+
 def _url_and_md5(name: str) -> tuple[str, str]:
     info = medmnist_info()
     base, _, size = name.rpartition("_")
@@ -54,8 +73,7 @@ def _url_and_md5(name: str) -> tuple[str, str]:
     else:
         entry, url_key, md5_key = info.get(name), "url", "MD5"
     if entry is None or url_key not in entry:
-        known = ", ".join(sorted(k for k in info if not k.endswith("3d")))
-        raise DataError(f"data.name '{name}' is not a MedMNIST dataset: use one of {known} (or add _64/_128/_224)")
+        raise DataError(f"data.name '{name}' is not a MedMNIST dataset: use one of {_known_names(info)}")
     return entry[url_key], entry[md5_key]
 
 
@@ -112,7 +130,7 @@ def _read(npz: Path) -> dict[str, np.ndarray]:
     missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in arrays]
     if missing:
         raise DataError(
-            f"data.path '{npz}' lacks {', '.join(missing)}: give a MedMNIST 2D .npz "
+            f"data.path '{npz}' lacks {', '.join(missing)}: give a MedMNIST .npz "
             "(train/val/test _images and _labels)"
         )
     return arrays
@@ -131,12 +149,39 @@ def _labels(arrays: dict[str, np.ndarray], split: str, npz: Path) -> np.ndarray:
     return labels
 
 
-def _check_images(images: np.ndarray, split: str, npz: Path) -> None:
-    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))):
+def _split_dims(images: np.ndarray, split: str, cfg: DataConfig, npz: Path) -> int:
+    found = raw_spatial_dims(images.shape)
+    if found is None and cfg.spatial_dims == 3 and images.ndim == 4:
+        found = 3  # a non-cubic (N, D, H, W) gray volume, as data.spatial_dims says
+    if found is None:
         raise DataError(
             f"data.path '{npz}': {split}_images has shape {images.shape}; expected (N, H, W) or (N, H, W, 3) "
-            "(3D MedMNIST volumes are not supported)"
+            "images or (N, D, H, W) volumes (set data.spatial_dims=3 if these are non-cubic volumes)"
         )
+    return found
+
+
+def _spatial_dims(arrays: dict[str, np.ndarray], cfg: DataConfig, npz: Path) -> int:
+    """2 or 3 from the ``train_images`` shape (or ``data.spatial_dims`` where the shape cannot say).
+
+    Every split must hold the same kind (images or volumes) as ``train_images``.
+    """
+    shape = arrays["train_images"].shape
+    found = _split_dims(arrays["train_images"], "train", cfg, npz)
+    if cfg.spatial_dims is not None and cfg.spatial_dims != found:
+        raise DataError(
+            f"data.spatial_dims={cfg.spatial_dims} but data.path '{npz}' holds {found}D "
+            f"{'volumes' if found == 3 else 'images'} (train_images {shape}): set data.spatial_dims={found} "
+            "or null (read from the file)"
+        )
+    for split in SPLITS[1:]:
+        images = arrays[f"{split}_images"]
+        if _split_dims(images, split, cfg, npz) != found:
+            raise DataError(
+                f"data.path '{npz}': {split}_images has shape {images.shape} but train_images {shape}: "
+                "every split must hold the same kind of images (2D or 3D)"
+            )
+    return found
 
 
 def _site_names(arrays: dict[str, np.ndarray], cfg: DataConfig, npz: Path) -> list[str]:
@@ -187,14 +232,14 @@ def load_medmnist_sites(cfg: DataConfig) -> list[SiteData]:
         )
     site_ids = _natural_site_ids(arrays, cfg, npz) if cfg.partition == "natural" else None
     names = _site_names(arrays, cfg, npz)
+    dims = _spatial_dims(arrays, cfg, npz)
     per_site: list[dict[str, tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(cfg.num_sites)]
     for salt, split in enumerate(SPLITS):
         images = arrays[f"{split}_images"]
-        _check_images(images, split, npz)
         if site_ids is not None:
             parts = natural_partition(site_ids[split], cfg.num_sites, what=f"{split}_sites of '{npz}'")
         else:
             parts = partition_indices(labels[split], cfg, salt=salt, num_classes=cfg.num_classes)
         for s, idx in enumerate(parts):
-            per_site[s][split] = (prepare_images(images[idx], cfg.image_size), labels[split][idx])
+            per_site[s][split] = (prepare_images(images[idx], cfg.image_size, dims), labels[split][idx])
     return [site_from_splits(cfg, s, names[s], per_site[s], cfg.num_classes) for s in range(cfg.num_sites)]

@@ -8,7 +8,8 @@ Faint lesions look like vessel spots, which keeps the task learnable but not tri
 
 A pool of ``num_sites * samples_per_site`` balanced examples is partitioned across sites
 (iid or Dirichlet label skew), each site is split into train/val/test and given its own
-acquisition shift.
+acquisition shift. With ``data.spatial_dims=3`` the images are 3D volumes from
+``synthetic3d.py`` (same labels, partition, splits and shift).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fedfm.config import DataConfig
 from fedfm.data.partition import partition_indices
 from fedfm.data.resize import resize_images
 from fedfm.data.sites import build_site
+from fedfm.data.synthetic3d import render_volumes
 from fedfm.data.types import SiteData
 
 MAX_RENDER_SIZE = 64  # render at most this size, then upsample
@@ -112,7 +114,8 @@ def load_synthetic_sites(cfg: DataConfig) -> list[SiteData]:
     rng = np.random.default_rng([cfg.seed, 0x5EED])
     total = cfg.num_sites * cfg.samples_per_site
     labels = balanced_labels(total, cfg.num_classes, rng)
-    images = render_images(labels, cfg.image_size, rng)
+    render = render_volumes if cfg.spatial_dims == 3 else render_images
+    images = render(labels, cfg.image_size, rng)
     parts = partition_indices(labels, cfg, num_classes=cfg.num_classes)
     return [
         build_site(cfg, site_id, f"site{site_id}", images[idx], labels[idx], cfg.num_classes)

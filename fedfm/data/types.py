@@ -1,4 +1,8 @@
-"""Plain containers for one site's data: images as float32 NCHW in [0, 1] plus int64 labels."""
+"""Plain containers for one site's data: float32 images in [0, 1] plus int64 labels.
+
+Images are channels-first: (N, C, H, W) for 2D images or (N, C, D, H, W) for 3D volumes
+(D = H = W = ``data.image_size`` once a loader has prepared them).
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,15 @@ import numpy as np
 class Split:
     """One split of one site; arrays are made read-only because loaders cache them."""
 
-    images: np.ndarray  # float32, (N, C, H, W), values in [0, 1], already resized to cfg.image_size
+    images: np.ndarray  # float32, (N, C, H, W) or (N, C, D, H, W), values in [0, 1], resized to cfg.image_size
     labels: np.ndarray  # int64, (N,)
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.dtype != np.float32:
-            raise ValueError(f"Split.images must be float32 (N, C, H, W), got {self.images.dtype} {self.images.shape}")
+        if self.images.ndim not in (4, 5) or self.images.dtype != np.float32:
+            raise ValueError(
+                f"Split.images must be float32 (N, C, H, W) or (N, C, D, H, W), got {self.images.dtype} "
+                f"{self.images.shape}"
+            )
         if self.labels.ndim != 1 or self.labels.dtype != np.int64:
             raise ValueError(f"Split.labels must be int64 (N,), got {self.labels.dtype} {self.labels.shape}")
         if len(self.images) != len(self.labels):
@@ -26,6 +33,11 @@ class Split:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for (N, C, H, W) images, 3 for (N, C, D, H, W) volumes."""
+        return int(self.images.ndim - 2)
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,11 @@ class SiteData:
     channels: int  # C of the images (1 gray, 3 RGB)
     shift: dict[str, float] = field(default_factory=dict)  # acquisition shift applied (empty if none)
 
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images, 3 for volumes (the same for every split of a site)."""
+        return self.train.spatial_dims
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -50,6 +67,7 @@ class DatasetInfo:
     channels: int
     image_size: int
     site_names: tuple[str, ...]
+    spatial_dims: int = 2  # 2: inputs (N, C, S, S); 3: inputs (N, C, S, S, S) with S = image_size
 
 
 def label_counts(split: Split, num_classes: int) -> list[int]:
@@ -57,6 +75,8 @@ def label_counts(split: Split, num_classes: int) -> list[int]:
     return np.bincount(split.labels, minlength=num_classes)[:num_classes].astype(int).tolist()
 
 
-def empty_split(channels: int, size: int) -> Split:
-    """A split with no examples but the right image shape."""
-    return Split(np.zeros((0, channels, size, size), np.float32), np.zeros((0,), np.int64))
+def empty_split(channels: int, size: int, spatial_dims: int = 2) -> Split:
+    """A split with no examples but the right image shape: (0, C, size, size[, size])."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    return Split(np.zeros((0, channels) + (size,) * spatial_dims, np.float32), np.zeros((0,), np.int64))

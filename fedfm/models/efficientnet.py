@@ -9,6 +9,7 @@ Gray images are repeated to RGB and ImageNet-normalised inside the model. Every 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from fedfm.config import ConfigError, ModelConfig
 from fedfm.models.inputs import IMAGENET_MEAN, IMAGENET_STD, ImageInput
 from fedfm.models.registry import Backbone, register_backbone
+from fedfm.models.stages import Stage
 
 ARCH = "efficientnet-lite0"
 EFFNET_LORA_TARGETS = r".*(_blocks\.\d+\.(_expand_conv|_project_conv)|_conv_head)"
@@ -32,6 +34,28 @@ class EfficientNetClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.inputs(x))
+
+    def stages(self) -> list[Stage] | None:
+        """Stem, each MBConv block (with its drop-connect rate, as the package's forward scales it), head."""
+        net = self.net
+        if net._global_params.local_pooling:
+            return None
+        out = [Stage("stem", (self.inputs, net._conv_stem, net._bn0, net._swish),
+                     lambda x: net._swish(net._bn0(net._conv_stem(self.inputs(x)))))]
+        base_rate = net._global_params.drop_connect_rate
+        for idx, block in enumerate(net._blocks):
+            rate = base_rate * float(idx) / len(net._blocks) if base_rate else base_rate
+            out.append(Stage(f"_blocks.{idx}", (block,), functools.partial(block, drop_connect_rate=rate),
+                             random_in_training=bool(rate)))
+        out.append(Stage("head", (net._conv_head, net._bn1, net._swish, net._avg_pooling, net._dropout, net._fc),
+                         self._head))
+        return out
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        x = net._swish(net._bn1(net._conv_head(x)))
+        x = net._avg_pooling(x).view(x.shape[0], -1)
+        return net._fc(net._dropout(x))
 
 
 def packaged_weights_path() -> str:

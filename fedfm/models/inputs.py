@@ -1,4 +1,7 @@
-"""Input adaptation inside the model: channel repeat (gray -> RGB) and mean/std normalisation."""
+"""Input adaptation inside the model: channel repeat (gray -> RGB) and mean/std normalisation.
+
+Works on images (N, C, H, W) and volumes (N, C, D, H, W) alike.
+"""
 
 from __future__ import annotations
 
@@ -36,9 +39,10 @@ class ImageInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.repeat > 1:
-            x = x.repeat(1, self.repeat, 1, 1)
+            x = x.repeat(1, self.repeat, *([1] * (x.dim() - 2)))
         if self.normalize:
-            x = (x - self.mean) / self.std
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            x = (x - self.mean.view(shape)) / self.std.view(shape)
         return x
 
 
@@ -48,4 +52,4 @@ def _as_channels(values: Sequence[float], channels: int) -> torch.Tensor:
         t = t.expand(channels).clone()
     if t.numel() != channels:
         raise ValueError(f"normalisation has {t.numel()} values for {channels} channels")
-    return t.view(1, channels, 1, 1)
+    return t

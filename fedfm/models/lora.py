@@ -171,14 +171,16 @@ _CACHE: dict[str, tuple[nn.Module, Backbone]] = {}
 
 
 def build_model(
-    model_cfg: ModelConfig, lora_cfg: LoraConfig, num_classes: int, in_channels: int, image_size: int
+    model_cfg: ModelConfig, lora_cfg: LoraConfig, num_classes: int, in_channels: int, image_size: int,
+    spatial_dims: int = 2,
 ) -> tuple[nn.Module, Backbone]:
     """Backbone + LoRA, from an in-process cache of pristine copies; returns (peft model, backbone)."""
-    key = json.dumps([model_cfg.model_dump(), lora_cfg.model_dump(), num_classes, in_channels, image_size])
+    key = json.dumps([model_cfg.model_dump(), lora_cfg.model_dump(), num_classes, in_channels, image_size, spatial_dims])
     if key not in _CACHE:
-        backbone = build_backbone(model_cfg, num_classes, in_channels, image_size)
+        backbone = build_backbone(model_cfg, num_classes, in_channels, image_size, spatial_dims)
         peft_model = apply_lora(backbone, lora_cfg)
-        spec = ModelSpec(model_cfg.model_copy(), lora_cfg.model_copy(), num_classes, in_channels, image_size)
+        spec = ModelSpec(model_cfg.model_copy(), lora_cfg.model_copy(), num_classes, in_channels, image_size,
+                         spatial_dims)
         setattr(peft_model, SPEC_ATTR, spec)
         _CACHE[key] = (peft_model, backbone)
     pristine, backbone = _CACHE[key]

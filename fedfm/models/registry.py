@@ -16,31 +16,39 @@ HF_PREFIX = "hf:"
 # server and every site build bit-identical base weights without exchanging them.
 BASE_SEED = 0
 
-_BUILTIN_MODULES = ("fedfm.models.vit", "fedfm.models.efficientnet", "fedfm.models.hf")
+_BUILTIN_MODULES = ("fedfm.models.vit", "fedfm.models.efficientnet", "fedfm.models.hf", "fedfm.models.astra")
 
 
 @dataclass
 class Backbone:
-    """A classifier ready for LoRA: ``model`` maps [0,1] images (N, C, S, S) to logits (N, K)."""
+    """A classifier ready for LoRA: ``model`` maps [0,1] images (N, C, S, S) (or, with
+    ``spatial_dims=3``, volumes (N, C, S, S, S)) to logits (N, K)."""
 
     model: nn.Module
     name: str
     image_size: int  # input size the model expects (the data layer resizes to this)
     lora_targets: str  # default regex for peft ``target_modules``
     head: list[str]  # module names of the newly initialised classifier -> peft ``modules_to_save``
+    spatial_dims: int = 2  # 2: images, 3: volumes
 
 
-Factory = Callable[[ModelConfig, int, int, int], Backbone]
+Factory = Callable[..., Backbone]
 _FACTORIES: dict[str, Factory] = {}
+_DIMS: dict[str, tuple[int, ...]] = {}
 
 
-def register_backbone(name: str) -> Callable[[Factory], Factory]:
-    """Decorator: register ``factory(model_cfg, num_classes, in_channels, image_size)`` under ``name``."""
+def register_backbone(name: str, spatial_dims: tuple[int, ...] = (2,)) -> Callable[[Factory], Factory]:
+    """Decorator: register ``factory(model_cfg, num_classes, in_channels, image_size)`` under ``name``.
+
+    A backbone that also takes volumes declares ``spatial_dims=(2, 3)``; its factory then gets a
+    ``spatial_dims`` keyword.
+    """
 
     def decorate(factory: Factory) -> Factory:
         if name in _FACTORIES and _FACTORIES[name] is not factory:
             raise ValueError(f"backbone '{name}' is registered twice")
         _FACTORIES[name] = factory
+        _DIMS[name] = tuple(spatial_dims)
         return factory
 
     return decorate
@@ -57,7 +65,8 @@ def available_backbones() -> list[str]:
     return sorted(n for n in _FACTORIES if n != HF_PREFIX) + [f"{HF_PREFIX}<hub-id-or-dir>"]
 
 
-def build_backbone(model_cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> Backbone:
+def build_backbone(model_cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int,
+                   spatial_dims: int = 2) -> Backbone:
     """Build the backbone named by ``model_cfg.backbone`` with seeded, reproducible random parts."""
     _import_builtins()
     name = model_cfg.backbone
@@ -66,6 +75,11 @@ def build_backbone(model_cfg: ModelConfig, num_classes: int, in_channels: int, i
         raise ConfigError(
             f"model.backbone={name!r} is not a known backbone; available: {', '.join(available_backbones())}"
         )
+    if spatial_dims not in _DIMS[key]:
+        takes = [n for n, d in sorted(_DIMS.items()) if spatial_dims in d and n != HF_PREFIX]
+        raise ConfigError(f"model.backbone={name!r} takes 2D images only but the data is {spatial_dims}D: "
+                          f"use a backbone that takes volumes ({', '.join(takes)})")
+    extra = {"spatial_dims": spatial_dims} if _DIMS[key] != (2,) else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BASE_SEED)
-        return _FACTORIES[key](model_cfg, num_classes, in_channels, image_size)
+        return _FACTORIES[key](model_cfg, num_classes, in_channels, image_size, **extra)

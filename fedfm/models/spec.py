@@ -27,7 +27,8 @@ class ModelSpec:
     lora: LoraConfig
     num_classes: int
     channels: int  # C of the images the model takes (1 gray, 3 RGB), in [0, 1]
-    image_size: int  # images are resized to image_size x image_size
+    image_size: int  # images are resized to image_size x image_size (volumes to image_size^3)
+    spatial_dims: int = 2  # 2: images (N, C, S, S), 3: volumes (N, C, S, S, S)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -37,6 +38,7 @@ class ModelSpec:
             "num_classes": self.num_classes,
             "channels": self.channels,
             "image_size": self.image_size,
+            "spatial_dims": self.spatial_dims,
         }
 
     @classmethod
@@ -48,6 +50,7 @@ class ModelSpec:
                 num_classes=int(raw["num_classes"]),
                 channels=int(raw["channels"]),
                 image_size=int(raw["image_size"]),
+                spatial_dims=int(raw.get("spatial_dims", 2)),  # files written before 3D support are 2D
             )
         except KeyError as err:
             raise ConfigError(f"{source} lacks the field {err}: rewrite it with fedfm export") from None

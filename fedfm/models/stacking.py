@@ -45,11 +45,12 @@ def global_lora_config(lora_cfg: LoraConfig) -> LoraConfig:
 _BACKBONES: dict[str, Backbone] = {}
 
 
-def pristine_backbone(model_cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> Backbone:
+def pristine_backbone(model_cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int,
+                      spatial_dims: int = 2) -> Backbone:
     """A fresh copy of the backbone (built once per process, then copied)."""
-    key = json.dumps([model_cfg.model_dump(), num_classes, in_channels, image_size])
+    key = json.dumps([model_cfg.model_dump(), num_classes, in_channels, image_size, spatial_dims])
     if key not in _BACKBONES:
-        _BACKBONES[key] = build_backbone(model_cfg, num_classes, in_channels, image_size)
+        _BACKBONES[key] = build_backbone(model_cfg, num_classes, in_channels, image_size, spatial_dims)
     backbone = _BACKBONES[key]
     return replace(backbone, model=copy.deepcopy(backbone.model))
 
@@ -59,28 +60,28 @@ def global_model(spec: ModelSpec, state: dict[str, torch.Tensor], backbone: Back
 
     ``backbone`` (a pristine copy, wrapped in place) saves a copy when the caller has one.
     """
-    backbone = backbone or pristine_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size)
+    backbone = backbone or pristine_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size, spec.spatial_dims)
     config = global_lora_config(spec.lora)
     model = apply_lora(backbone, config, ranks=layer_ranks(state))
-    setattr(model, SPEC_ATTR, ModelSpec(spec.model, config, spec.num_classes, spec.channels, spec.image_size))
+    setattr(model, SPEC_ATTR, replace(spec, lora=config))
     load_adapter_state_dict(model, state)
     return model
 
 
 def initial_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
     """The global adapter before any round: rank 1 per layer with B = 0 (no change to the backbone)."""
-    backbone = pristine_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size)
+    backbone = pristine_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size, spec.spatial_dims)
     return adapter_state_dict(apply_lora(backbone, global_lora_config(spec.lora)))
 
 
 def site_model(spec: ModelSpec, rank: int, state: dict[str, torch.Tensor]) -> nn.Module:
     """What a site trains: the global adapter merged into the base weights, plus a fresh rank-``rank``
     adapter (seeded A, B = 0) and the global head, ready to train."""
-    backbone = pristine_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size)
+    backbone = pristine_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size, spec.spatial_dims)
     merged = global_model(spec, state, backbone).merge_and_unload()
     site_cfg = spec.lora.model_copy(update={"r": rank})
     model = apply_lora(replace(backbone, model=merged), site_cfg)
-    setattr(model, SPEC_ATTR, ModelSpec(spec.model, site_cfg, spec.num_classes, spec.channels, spec.image_size))
+    setattr(model, SPEC_ATTR, replace(spec, lora=site_cfg))
     return model
 
 

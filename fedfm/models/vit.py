@@ -13,6 +13,7 @@ from torch import nn
 from fedfm.config import ConfigError, ModelConfig
 from fedfm.models.inputs import ImageInput
 from fedfm.models.registry import Backbone, register_backbone
+from fedfm.models.stages import Stage
 from fedfm.models.weights import load_weights
 
 VIT_TINY = {"hidden_size": 192, "mlp_dim": 768, "num_layers": 6, "num_heads": 3, "patch_size": 4}
@@ -29,6 +30,21 @@ class MonaiViTClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.inputs(x))[0]
+
+    def stages(self) -> list[Stage]:
+        """Patch embedding (+ CLS token), each transformer block, final norm + head on the CLS token."""
+        net = self.net
+        cls = (net.cls_token,) if hasattr(net, "cls_token") else ()
+        out = [Stage("embed", (self.inputs, net.patch_embedding), self._embed, tensors=cls)]
+        out += [Stage(f"blocks.{i}", (block,), block) for i, block in enumerate(net.blocks)]
+        out.append(Stage("head", (net.norm, net.classification_head), lambda x: net.classification_head(net.norm(x)[:, 0])))
+        return out
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.net.patch_embedding(self.inputs(x))
+        if hasattr(self.net, "cls_token"):
+            x = torch.cat((self.net.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        return x
 
 
 @register_backbone("vit-tiny")

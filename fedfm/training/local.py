@@ -20,12 +20,13 @@ from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedfm.config import PrivacyConfig, TrainConfig
 from fedfm.data.types import Split
 from fedfm.models.lora import train_mode
 from fedfm.privacy.accountant import SiteAccountant
+from fedfm.training.activation_cache import FeatureSplit
 from fedfm.training.per_sample import per_sample_linear_layers, unsupported_layer, use_fast_clipping
 
 
@@ -51,7 +52,27 @@ def plan_steps(n_train: int, batch_size: int, local_epochs: float) -> StepPlan:
     return StepPlan(1.0 / batches_per_epoch, max(1, round(local_epochs * batches_per_epoch)))
 
 
-def split_dataset(split: Split) -> TensorDataset:
+class ArrayDataset(Dataset):
+    """(input, label) pairs read from an array that may be a memory-mapped file, a batch at a time."""
+
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray) -> None:
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return torch.from_numpy(np.array(self.inputs[index], np.float32)), torch.tensor(self.labels[index])
+
+    def __getitems__(self, indices: list[int]):
+        inputs = torch.from_numpy(np.asarray(self.inputs[np.asarray(indices, np.int64)], np.float32))
+        labels = torch.from_numpy(np.asarray(self.labels[np.asarray(indices, np.int64)]))
+        return list(zip(inputs.unbind(0), labels.unbind(0)))
+
+
+def split_dataset(split: Split | FeatureSplit) -> Dataset:
+    if isinstance(split, FeatureSplit):  # cached prefix activations, memory-mapped: read batch by batch
+        return ArrayDataset(split.images, split.labels)
     return TensorDataset(torch.tensor(split.images), torch.tensor(split.labels))  # cached arrays are read-only
 
 
@@ -64,7 +85,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def train_round(
     model: nn.Module,
-    split: Split,
+    split: Split | FeatureSplit,
     train_cfg: TrainConfig,
     privacy_cfg: PrivacyConfig,
     accountant: SiteAccountant | None,
@@ -175,11 +196,11 @@ def _run_steps(model, optimizer, loader, steps: int, dp_steps_taken) -> list[flo
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, split: Split, batch_size: int) -> np.ndarray:
+def predict_probs(model: nn.Module, split: Split | FeatureSplit, batch_size: int) -> np.ndarray:
     """Class probabilities (N, C) of ``model`` on ``split``, in eval mode."""
     model.eval()
     out = []
     for start in range(0, len(split), batch_size):
-        images = torch.tensor(split.images[start : start + batch_size])
+        images = torch.tensor(np.asarray(split.images[start : start + batch_size], np.float32))
         out.append(torch.softmax(model(images).float(), dim=1).numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)

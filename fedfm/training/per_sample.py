@@ -4,7 +4,8 @@ Opacus' default ("hooks") computes per-sample gradients with a forward hook that
 layer's input and a full backward hook that catches its output gradient, layer by layer in
 Python, while autograd still computes the summed weight gradient that DP-SGD then throws away.
 Every trainable layer of a fedfm adapter is a linear map without padding: a LoRA A or B
-(``nn.Linear``, or a 1x1 stride-1 ``nn.Conv2d`` on convolutional backbones) or the linear head.
+(``nn.Linear``, or a 1x1 ``nn.Conv2d`` / 1x1x1 ``nn.Conv3d`` on convolutional backbones; a
+strided one is the same map on every s-th pixel) or the linear head.
 For those, :class:`PerSampleLinear` does the whole job in its backward: the input gradient, and
 each trainable weight's per-sample gradient as one batched matmul, written to ``p.grad_sample``
 as Opacus' hooks would (scaled by the batch size for a mean loss), and no summed weight
@@ -30,14 +31,15 @@ from torch import nn
 
 
 def is_pointwise_conv(module: nn.Module) -> bool:
-    """A 1x1, stride-1, unpadded, ungrouped convolution: a linear map applied at every pixel."""
+    """A 1x1 (2D) or 1x1x1 (3D), unpadded, ungrouped convolution: a linear map applied at every
+    pixel (with stride s: at every s-th pixel)."""
     return (
-        isinstance(module, nn.Conv2d)
-        and tuple(module.kernel_size) == (1, 1)
-        and tuple(module.stride) == (1, 1)
-        and tuple(module.padding) == (0, 0)
-        and tuple(module.dilation) == (1, 1)
+        isinstance(module, (nn.Conv2d, nn.Conv3d))
+        and all(k == 1 for k in module.kernel_size)
+        and all(p == 0 for p in module.padding)
+        and all(d == 1 for d in module.dilation)
         and module.groups == 1
+        and module.padding_mode == "zeros"
     )
 
 
@@ -46,14 +48,14 @@ def unsupported_layer(model: nn.Module) -> str | None:
     for name, module in model.named_modules():
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
-        if type(module) is nn.Linear or (type(module) is nn.Conv2d and is_pointwise_conv(module)):
+        if type(module) is nn.Linear or (type(module) in (nn.Conv2d, nn.Conv3d) and is_pointwise_conv(module)):
             continue
         return f"{name} ({type(module).__name__})"
     return None
 
 
 class PerSampleLinear(torch.autograd.Function):
-    """``y = x W^T + b`` (Linear over any leading dims) or its 1x1-convolution form (NCHW).
+    """``y = x W^T + b`` (Linear over any leading dims) or its 1x1-convolution form (NCHW or NCDHW).
 
     Backward returns the input gradient only; each trainable weight (and bias) gets
     ``grad_sample`` of shape (batch, *weight.shape): the gradient of each example's own loss.
@@ -64,7 +66,7 @@ class PerSampleLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias)
         ctx.conv, ctx.batch_scale = conv, batch_scale
         if conv:
-            return F.conv2d(x, weight, bias)
+            return (F.conv2d if x.dim() == 4 else F.conv3d)(x, weight, bias)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -72,9 +74,11 @@ class PerSampleLinear(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         n, out_features, in_features = x.shape[0], weight.shape[0], weight.shape[1]
         grad_x = None
-        if ctx.conv:  # (n, C, H, W): pixels are the positions
+        if ctx.conv:  # (n, C, H, W) or (n, C, D, H, W): pixels (voxels) are the positions
             if ctx.needs_input_grad[0]:
-                grad_x = F.conv2d(grad_out, weight.view(out_features, in_features).t()[:, :, None, None])
+                transposed = weight.reshape(out_features, in_features).t().reshape(in_features, out_features,
+                                                                                  *weight.shape[2:])
+                grad_x = (F.conv2d if x.dim() == 4 else F.conv3d)(grad_out, transposed)
             positions = x.shape[2:].numel()
             per_position = grad_out.reshape(n, out_features, positions)
             inputs = x.reshape(n, in_features, positions).transpose(1, 2)
@@ -91,6 +95,13 @@ class PerSampleLinear(torch.autograd.Function):
         if bias is not None and bias.requires_grad:
             _set_grad_sample(bias, per_position.sum(-1).mul_(scale))
         return grad_x, None, None, None, None
+
+
+def _subsample(x: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """The pixels a strided 1x1 convolution reads (every s-th along each spatial axis)."""
+    if all(s == 1 for s in stride):
+        return x
+    return x[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
 
 
 def _set_grad_sample(param: torch.Tensor, grad_sample: torch.Tensor) -> None:
@@ -117,9 +128,11 @@ def per_sample_linear_layers(model: nn.Module, loss_reduction: str = "mean") -> 
     patched = []
     for module in model.modules():
         if any(p.requires_grad for p in module.parameters(recurse=False)):
-            conv = isinstance(module, nn.Conv2d)
+            conv = isinstance(module, (nn.Conv2d, nn.Conv3d))
+            stride = tuple(module.stride) if conv else ()
             module.forward = types.MethodType(
-                lambda self, x, _conv=conv: PerSampleLinear.apply(x, self.weight, self.bias, _conv, batch_scale), module)
+                lambda self, x, _conv=conv, _stride=stride: PerSampleLinear.apply(
+                    _subsample(x, _stride), self.weight, self.bias, _conv, batch_scale), module)
             patched.append(module)
     try:
         yield
