@@ -60,7 +60,9 @@ class ModelConfig(_Section):
 
 
 class LoraConfig(_Section):
-    variant: Literal["lora", "ffa"] = "lora"  # ffa: A frozen at the seeded init, only B (+ head) trains and is sent
+    # ffa: A frozen at the seeded init, only B (+ head) trains and is sent; head: no adapter trains,
+    # only the new head (a linear probe of the frozen backbone; the adapter layers stay at B = 0)
+    variant: Literal["lora", "ffa", "head"] = "lora"
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -84,7 +86,10 @@ class LoraConfig(_Section):
         if self.stack_max_rank is not None and not self.site_ranks:
             raise ValueError(f"lora.stack_max_rank={self.stack_max_rank} only applies with lora.site_ranks "
                              "(stacked aggregation): set lora.site_ranks or leave stack_max_rank null")
-        if self.site_ranks and self.variant == "ffa":
+        if self.variant == "head" and self.personal == "lora_B":
+            raise ValueError("lora.personal=lora_B needs an adapter that trains; lora.variant=head trains the head "
+                             "only: use lora.personal=head or another variant")
+        if self.site_ranks and self.variant != "lora":
             raise ValueError("lora.site_ranks needs lora.variant=lora (stacking aggregates A and B; "
                              "ffa sends no A): drop one of them")
         if self.site_ranks and self.personal == "lora_B":

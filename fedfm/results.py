@@ -186,6 +186,7 @@ class RunRecorder:
             "upload_bytes": self.upload_bytes,
             "uploads": self.uploads,
             "mean_upload_bytes": self.upload_bytes / self.uploads if self.uploads else None,
+            "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         }
 
 

@@ -229,8 +229,14 @@ def build_astra_ct(model_cfg: ModelConfig, num_classes: int, in_channels: int, i
     if in_channels not in (1, 3):
         raise ConfigError(f"{NAME} takes gray (1) or RGB (3) images; the data has {in_channels} channels")
     encoder = build_ct_encoder(spatial_dims, model_cfg.pretrained, model_cfg.weights_path, progress=_progress)
+    model = CTEncoderClassifier(encoder, in_channels, num_classes)
+    # A zero head starts every class at the same logit: under DP-SGD the first noisy steps then move
+    # it from a neutral point (De et al. 2022 zero-initialise the classifier for DP fine-tuning), and
+    # the encoder's uncentred 2048-d features (mean 0.3 per dimension) do not start it far off.
+    nn.init.zeros_(model.head.weight)
+    nn.init.zeros_(model.head.bias)
     return Backbone(
-        model=CTEncoderClassifier(encoder, in_channels, num_classes),
+        model=model,
         name=NAME,
         image_size=image_size,
         lora_targets=LORA_TARGETS_LAST_STAGE,

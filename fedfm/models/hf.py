@@ -19,6 +19,7 @@ from torch import nn
 from fedfm.config import ConfigError, ModelConfig
 from fedfm.models.inputs import IMAGENET_MEAN, IMAGENET_STD, ImageInput
 from fedfm.models.registry import HF_PREFIX, Backbone, register_backbone
+from fedfm.models.stages import Stage
 
 # Old (<5) and new transformers names: ViT ``layers.N.attention.{q,k,v,o}_proj``, DINOv2
 # ``encoder.layer.N.attention.*``, ``attention.attention.{query,key,value}``, ``mlp.fc1/fc2``, ...
@@ -38,14 +39,25 @@ class HFClassifier(nn.Module):
         self.net = net
         self.classifier = nn.Linear(feature_dim, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             # pretrained position embeddings fit the model's own input size: resize to it
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         out = self.net(pixel_values=self.inputs(x))
         hidden = out.last_hidden_state
-        features = hidden[:, 0] if hidden.dim() == 3 else out.pooler_output.flatten(1)
-        return self.classifier(features)
+        return hidden[:, 0] if hidden.dim() == 3 else out.pooler_output.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def stages(self) -> list[Stage]:
+        """Two stages, the whole encoder and the head: transformers' layer calls differ across model
+        types and versions, so the cache covers the encoder only when no adapter sits in it
+        (``lora.variant: head``)."""
+        return [Stage("encoder", (self.inputs, self.net), self.features,
+                      random_in_training=any(getattr(self.net.config, k, 0) or 0 for k in
+                                             ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"))),
+                Stage("head", (self.classifier,), self.classifier)]
 
 
 def _is_local(ref: str) -> bool:

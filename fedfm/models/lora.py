@@ -3,7 +3,9 @@
 ``lora.variant``: ``lora`` trains and exchanges A and B; ``ffa`` (FFA-LoRA, Sun et al. 2024)
 keeps every A at its seeded random init (identical at the server and every site because
 ``lora.seed`` seeds it), so only B and the head train and travel, and averaging the B's averages
-the sites' weight deltas exactly (scale * B @ A is linear in B when A is shared).
+the sites' weight deltas exactly (scale * B @ A is linear in B when A is shared). ``head`` freezes
+every adapter tensor (B stays 0, so the adapted layers compute exactly the base layers): only the
+new head trains and travels, a linear probe of the frozen backbone under the same pipeline.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ def apply_lora(backbone: Backbone, lora_cfg: LoraConfig, ranks: dict[str, int] |
             raise ConfigError(f"lora.target_modules={target!r} does not fit backbone {backbone.name}: {msg}") from None
     if lora_cfg.variant == "ffa":
         _freeze_lora_a(model)
+    elif lora_cfg.variant == "head":
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(False)
     setattr(model, VARIANT_ATTR, lora_cfg.variant)
     _check_only_adapter_trains(model)
     return model
@@ -77,7 +83,10 @@ def lora_variant(model: nn.Module) -> str:
 
 
 def is_exchanged(key: str, variant: str) -> bool:
-    """Whether adapter key ``key`` travels between server and sites under ``variant`` (ffa: no lora_A)."""
+    """Whether adapter key ``key`` travels between server and sites under ``variant`` (ffa: no lora_A;
+    head: no LoRA tensor at all)."""
+    if variant == "head":
+        return "lora_" not in key
     return variant != "ffa" or ".lora_A." not in key
 
 

@@ -229,8 +229,12 @@ def tradeoff_point(run: dict[str, Any]) -> dict[str, Any]:
     eps = [r["epsilon"] for r in run["sites"] if r["epsilon"] and not r["held_out"]]
     comm = run["communication"]
     rounds = len(run["rounds"]["round"]) or None
+    wall = run["summary"].get("wall_time_s")
     return {"run": run["name"], "adapter": run["summary"]["adapter"], "max_epsilon": max(eps) if eps else 0.0,
             "pooled_auroc": run["pooled"].get("auroc", {}).get("value"),
+            "pooled_ece": run["pooled"].get("ece", {}).get("value"),
+            "seconds_per_round": wall / rounds if rounds and isinstance(wall, (int, float)) else None,
+            "trainable_params": comm.get("trainable_params"),
             "worst_site_auroc": (run["worst_site"] or {}).get("auroc"),
             "update_bytes": comm.get("update_bytes"),
             "mean_upload_bytes": comm.get("mean_upload_bytes"),

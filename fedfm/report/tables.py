@@ -98,15 +98,23 @@ def baselines_table(run: dict[str, Any]) -> Table | None:
 def runs_table(report: dict[str, Any]) -> Table | None:
     if len(report["runs"]) < 2:
         return None
-    rows = [[p["run"], p.get("adapter", "-"), num(p["max_epsilon"], 3), num(p["pooled_auroc"]), num(p["worst_site_auroc"]),
-             _mb(p.get("mean_upload_bytes")), _mb(p.get("update_bytes")), _mb(p.get("bytes_per_round"))]
+    rows = [[p["run"], p.get("adapter", "-"), _count(p.get("trainable_params")), num(p["max_epsilon"], 3),
+             num(p["pooled_auroc"]), num(p["worst_site_auroc"]), num(p.get("pooled_ece")),
+             num(p.get("seconds_per_round"), 1), _mb(p.get("mean_upload_bytes")), _mb(p.get("update_bytes")),
+             _mb(p.get("bytes_per_round"))]
             for p in report["tradeoff"]]
     return Table("Runs side by side",
-                 ["run", "adapter", "largest site epsilon", "pooled AUROC", "worst-site AUROC",
-                  "MB per site upload", "MB final model sent", "MB moved per round"], rows,
-                 "MB per site upload: a site's train reply, averaged over the run. MB final model sent: the adapter "
-                 "the server sends at the end. MB moved per round: every adapter sent and received (training down "
-                 "and up, validation down), averaged over the run's rounds.")
+                 ["run", "adapter", "trainable params", "largest site epsilon", "pooled AUROC", "worst-site AUROC",
+                  "pooled ECE", "s / round", "MB per site upload", "MB final model sent", "MB moved per round"], rows,
+                 "Trainable params: what a site trains (adapter and head). s / round: the run's wall time over its "
+                 "rounds (start-up, cache building and the final evaluation included). MB per site upload: a site's "
+                 "train reply, averaged over the run. MB final model sent: the adapter the server sends at the end. "
+                 "MB moved per round: every adapter sent and received (training down and up, validation down), "
+                 "averaged over the run's rounds.")
+
+
+def _count(x: Any) -> str:
+    return f"{x:,}" if isinstance(x, int) else "-"
 
 
 def _mb(x: Any) -> str:

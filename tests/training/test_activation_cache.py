@@ -205,3 +205,23 @@ def test_sites_train_the_same_adapter_with_and_without_the_cache(tmp_path):
     ev_a, ev_b = cached.evaluate(a.adapter, "val"), plain.evaluate(a.adapter, "val")
     np.testing.assert_allclose(ev_a.probs, ev_b.probs, rtol=1e-5, atol=1e-6)
     assert not list((tmp_path / "b").glob("activation-cache"))
+
+
+def test_hf_encoders_are_cached_whole_for_a_linear_probe(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=16, patch_size=8, num_channels=3)
+    torch.manual_seed(0)
+    ViTModel(config).save_pretrained(tmp_path / "vit")
+    model_cfg = ModelConfig(backbone=f"hf:{tmp_path / 'vit'}")
+    adapted, _ = build_model(model_cfg, LoraConfig(r=2), 2, 1, SIZE)
+    assert prefix_length(adapted) == 0  # LoRA inside the encoder: nothing to cache
+    probe, _ = build_model(model_cfg, LoraConfig(r=2, variant="head"), 2, 1, SIZE)
+    split = _split("vit-tiny", n=5)
+    suffix, features, length = _cached(probe, split, tmp_path / "cache")
+    assert length == 1 and features.images.shape == (5, 32)
+    probe.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(suffix(torch.tensor(np.asarray(features.images))),
+                                   probe(torch.tensor(split.images)), rtol=1e-5, atol=1e-5)
