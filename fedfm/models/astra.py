@@ -222,7 +222,17 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-@register_backbone(NAME, spatial_dims=(2, 3))
+def check_weights(model_cfg: ModelConfig) -> None:
+    """Before a run: the weight file is there (joined and verified now on first use), or fail in one line."""
+    if model_cfg.weights_path:
+        if not Path(model_cfg.weights_path).expanduser().is_file():
+            raise ConfigError(f"model.weights_path={model_cfg.weights_path!r} does not exist: give the {NAME} "
+                              f"weight file, or null it to use the installed weights ({INSTALL})")
+    elif model_cfg.pretrained:
+        packaged_weights_path(_progress)
+
+
+@register_backbone(NAME, spatial_dims=(2, 3), check=check_weights)
 def build_astra_ct(model_cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int,
                    spatial_dims: int = 2) -> Backbone:
     """The CT encoder (2D form for images, 3D for volumes) with a new linear head."""

@@ -35,13 +35,16 @@ class Backbone:
 Factory = Callable[..., Backbone]
 _FACTORIES: dict[str, Factory] = {}
 _DIMS: dict[str, tuple[int, ...]] = {}
+_CHECKS: dict[str, Callable[[ModelConfig], None]] = {}
 
 
-def register_backbone(name: str, spatial_dims: tuple[int, ...] = (2,)) -> Callable[[Factory], Factory]:
+def register_backbone(name: str, spatial_dims: tuple[int, ...] = (2,),
+                      check: Callable[[ModelConfig], None] | None = None) -> Callable[[Factory], Factory]:
     """Decorator: register ``factory(model_cfg, num_classes, in_channels, image_size)`` under ``name``.
 
     A backbone that also takes volumes declares ``spatial_dims=(2, 3)``; its factory then gets a
-    ``spatial_dims`` keyword.
+    ``spatial_dims`` keyword. ``check(model_cfg)`` raises ConfigError when what the backbone needs
+    (its weights) is missing; :func:`check_backbone` runs it before a run starts.
     """
 
     def decorate(factory: Factory) -> Factory:
@@ -49,9 +52,29 @@ def register_backbone(name: str, spatial_dims: tuple[int, ...] = (2,)) -> Callab
             raise ValueError(f"backbone '{name}' is registered twice")
         _FACTORIES[name] = factory
         _DIMS[name] = tuple(spatial_dims)
+        if check is not None:
+            _CHECKS[name] = check
         return factory
 
     return decorate
+
+
+def check_backbone(model_cfg: ModelConfig, spatial_dims: int = 2) -> None:
+    """Fail now, in one line, if ``model.backbone`` is unknown, cannot take the data's dimensions, or
+    lacks what it loads (e.g. astra-ct without its weights); cheap: builds nothing."""
+    _import_builtins()
+    name = model_cfg.backbone
+    key = HF_PREFIX if name.startswith(HF_PREFIX) else name
+    if key not in _FACTORIES:
+        raise ConfigError(
+            f"model.backbone={name!r} is not a known backbone; available: {', '.join(available_backbones())}"
+        )
+    if spatial_dims not in _DIMS[key]:
+        takes = [n for n, d in sorted(_DIMS.items()) if spatial_dims in d and n != HF_PREFIX]
+        raise ConfigError(f"model.backbone={name!r} takes 2D images only but the data is {spatial_dims}D: "
+                          f"use a backbone that takes volumes ({', '.join(takes)})")
+    if key in _CHECKS:
+        _CHECKS[key](model_cfg)
 
 
 def _import_builtins() -> None:
@@ -71,14 +94,8 @@ def build_backbone(model_cfg: ModelConfig, num_classes: int, in_channels: int, i
     _import_builtins()
     name = model_cfg.backbone
     key = HF_PREFIX if name.startswith(HF_PREFIX) else name
-    if key not in _FACTORIES:
-        raise ConfigError(
-            f"model.backbone={name!r} is not a known backbone; available: {', '.join(available_backbones())}"
-        )
-    if spatial_dims not in _DIMS[key]:
-        takes = [n for n, d in sorted(_DIMS.items()) if spatial_dims in d and n != HF_PREFIX]
-        raise ConfigError(f"model.backbone={name!r} takes 2D images only but the data is {spatial_dims}D: "
-                          f"use a backbone that takes volumes ({', '.join(takes)})")
+    if key not in _FACTORIES or spatial_dims not in _DIMS[key]:
+        check_backbone(model_cfg, spatial_dims)  # raises the one-line error
     extra = {"spatial_dims": spatial_dims} if _DIMS[key] != (2,) else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BASE_SEED)

@@ -199,3 +199,14 @@ def test_real_model_trains_only_the_adapter_of_layer4_and_the_head():
     assert 58_000_000 < total < 58_400_000
     assert trainable < 200_000
     assert unsupported_layer(model) is None
+
+
+def test_simulate_refuses_missing_weights_before_anything_starts(tmp_path, monkeypatch, capsys):
+    from fedfm.cli import main
+
+    out = tmp_path / "run"
+    code = main(["simulate", "--set", "model.backbone=astra-ct", "--set", f"model.weights_path={tmp_path / 'no.pt'}",
+                 "--out", str(out)])
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "model.weights_path=" in err and "no.pt' does not exist" in err
