@@ -242,3 +242,4 @@ def test_a_3d_federation_of_ct_volumes_runs_end_to_end(tmp_path):
     assert second["cache-build-seconds"] == 0  # round 2 read the files round 1 wrote
     spec = json.loads((out / "adapter" / "fedfm_model.json").read_text())
     assert spec["spatial_dims"] == 3 and spec["model"]["backbone"] == "astra-ct"
+    assert "astra-ct" in (out / "report.md").read_text()  # the same report as for images

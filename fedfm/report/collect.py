@@ -85,7 +85,7 @@ def run_summary(config: ExperimentConfig, results: dict[str, Any]) -> dict[str, 
         "source": d.source,
         "sites": d.num_sites,
         "partition": d.partition + (f" (alpha {d.alpha})" if d.partition == "dirichlet" else ""),
-        "image_size": d.image_size,
+        "image_size": d.image_size if d.spatial_dims != 3 else f"{d.image_size}^3 (volumes)",
         "site_shift": d.site_shift,
         "backbone": config.model.backbone,
         "adapter": adapter_line(config),
@@ -104,6 +104,8 @@ def run_summary(config: ExperimentConfig, results: dict[str, Any]) -> dict[str, 
 def adapter_line(config: ExperimentConfig) -> str:
     lora = config.lora
     text = f"{lora.variant} r={lora.r} alpha={lora.alpha}"
+    if lora.target_modules:
+        text += f", targets {lora.target_modules}"
     if lora.site_ranks:
         ranks = ", ".join(f"{site} {rank}" for site, rank in sorted(lora.site_ranks.items()))
         cap = f", global rank <= {lora.stack_max_rank}" if lora.stack_max_rank else ""
