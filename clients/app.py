@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedfm.appconfig import apply_node_config, experiment_from_run_config, ledger_dir, site_id_from_node_config
+from fedfm.eval.calibration import calibrated_metrics, calibration_from, site_statistics
 from fedfm.results import PERSONAL
 from fedfm.site import BUDGET_REFUSED, HELD_OUT, BudgetExhausted, HeldOut, Site
 from fedfm.transport import encode
@@ -62,7 +63,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     }
     if split == "test":  # the report shows each site's size and label distribution
         metrics.update({f"label-counts-{k}": v for k, v in site.label_counts().items()})
-    share = bool(msg.content["config"].get("return-predictions", False))
+    config = msg.content["config"]
+    if bool(config.get("calibration-stats", False)) and len(reply.labels):
+        metrics.update(site_statistics(reply.probs, reply.labels))
+    if "temperature" in config and len(reply.labels):  # the calibration the server fitted on validation
+        metrics.update(calibrated_metrics(reply.probs, reply.labels, calibration_from(config)))
+    share = bool(config.get("return-predictions", False))
     if share:
         metrics["probs"] = [float(p) for p in reply.probs.reshape(-1)]
         metrics["labels"] = [int(y) for y in reply.labels]

@@ -55,4 +55,6 @@ def apply_node_config(config: ExperimentConfig, node_config: Mapping[str, Any]) 
 def ledger_dir(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Path:
     if node_config.get("ledger-dir"):
         return Path(str(node_config["ledger-dir"]))
+    if run_config.get("ledger-dir"):  # runs of one search share the sites' ledgers
+        return Path(str(run_config["ledger-dir"]))
     return Path(str(run_config.get("out-dir") or "runs/flwr")) / "ledger"

@@ -74,10 +74,10 @@ def train_alone(site: Site, rounds: int, log_prefix: str = "") -> tuple[dict[str
     return adapter, history, None
 
 
-def evaluate_on(site: Site, adapter: dict[str, torch.Tensor], data: SiteData) -> SiteEvaluation:
-    """Evaluate ``adapter`` (trained by ``site``) on another site's test split."""
+def evaluate_on(site: Site, adapter: dict[str, torch.Tensor], data: SiteData, split: str = "test") -> SiteEvaluation:
+    """Evaluate ``adapter`` (trained by ``site``) on another site's ``split``."""
     probe = Site(site.config, data.site_id, site.ledger.path.parent, data=data)
-    reply = probe.evaluate(adapter, "test")
+    reply = probe.evaluate(adapter, split)
     return SiteEvaluation(dict(reply.metrics), reply.probs, reply.labels)
 
 
@@ -86,8 +86,10 @@ def run_local_site(config: ExperimentConfig, site_id: int, out_dir: Path) -> dic
     site = Site(config, site_id, out_dir / "ledger")
     started = time.time()
     adapter, history, stopped = train_alone(site, config.federation.rounds, f"local {site.name}: ")
-    evaluation = evaluate_on(site, adapter, site.data)
-    return {"site": site.name, "evaluation": evaluation, "history": history, "stopped": stopped,
+    evaluation = evaluate_on(site, adapter, site.data) if config.eval.test else None
+    validation = evaluate_on(site, adapter, site.data, "val")
+    return {"site": site.name, "evaluation": evaluation, "validation": {site.name: validation},
+            "history": history, "stopped": stopped,
             "epsilon": history[-1]["epsilon"] if history else 0.0, "n_train": len(site.data.train),
             "seconds": time.time() - started}
 
@@ -102,8 +104,10 @@ def run_pooled(config: ExperimentConfig, private: bool, out_dir: Path) -> dict[s
     started = time.time()
     name = "centralized" if private else "centralized_nodp"
     adapter, history, stopped = train_alone(site, config.federation.rounds, f"{name}: ")
-    evaluations = {site_name(s.site_id): evaluate_on(site, adapter, s) for s in load_sites(config.data)}
-    return {"site": site.name, "evaluations": evaluations, "history": history, "stopped": stopped,
+    evaluations = ({site_name(s.site_id): evaluate_on(site, adapter, s) for s in load_sites(config.data)}
+                   if config.eval.test else {})
+    validation = {site_name(s.site_id): evaluate_on(site, adapter, s, "val") for s in sites}
+    return {"site": site.name, "evaluations": evaluations, "validation": validation, "history": history, "stopped": stopped,
             "epsilon": history[-1]["epsilon"] if history else 0.0, "n_train": len(site.data.train),
             "seconds": time.time() - started}
 
@@ -113,8 +117,10 @@ def write_baseline_results(config: ExperimentConfig, name: str, out_dir: Path, p
     delta = config.privacy.delta if name != "centralized_nodp" and config.privacy.sample_level else 0.0
     sites: dict[str, Any] = {}
     evaluations: dict[str, SiteEvaluation] = {}
+    validation: dict[str, SiteEvaluation] = {}
     for part in parts:
-        per_site = part.get("evaluations") or {part["site"]: part["evaluation"]}
+        validation.update(part.get("validation", {}))
+        per_site = part.get("evaluations") or ({part["site"]: part["evaluation"]} if part.get("evaluation") else {})
         for name, ev in per_site.items():
             metrics = dict(ev.metrics)
             evaluations[name] = ev
@@ -134,6 +140,7 @@ def write_baseline_results(config: ExperimentConfig, name: str, out_dir: Path, p
         "sites": {name: sites[name] for name in sorted(sites, key=lambda n: int(n.rsplit("-", 1)[-1]))},
         "pooled": pooled_summary(evaluations),
         "worst_site": worst_site(evaluations),
+        "validation": validation_summary(validation),
         "history": {p["site"]: p["history"] for p in parts},
         "stopped_early": {p["site"]: p["stopped"] for p in parts if p["stopped"]},
         "wall_time_s": round(sum(p["seconds"] for p in parts), 2),
@@ -141,6 +148,12 @@ def write_baseline_results(config: ExperimentConfig, name: str, out_dir: Path, p
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
     return results
+
+
+def validation_summary(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
+    """The baseline's validation metrics, pooled over the training sites: what a search selects by."""
+    pooled = {k: v for k, v in pooled_summary(evaluations).items() if k != "reliability"}
+    return {"pooled": pooled, "auroc": pooled.get("auroc"), "auroc_kind": "pooled"} if pooled else {}
 
 
 def run_job(config_json: str, kind: str, site_id: int, out_dir: str) -> dict[str, Any]:

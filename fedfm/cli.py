@@ -1,4 +1,4 @@
-"""The ``fedfm`` command line: ``simulate``, ``report``, ``audit``, ``export``, ``predict``, ``deploy``, ``bench``, ``config``."""
+"""The ``fedfm`` command line: ``simulate``, ``tune``, ``report``, ``audit``, ``export``, ``predict``, ``deploy``, ``bench``, ``config``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue an interrupted or paused run from its last checkpoint (its own config)")
     sim.add_argument("--until-round", type=int, default=0, metavar="K",
                      help="stop cleanly after round K (continue later with --resume)")
+    tune = sub.add_parser("tune", help="choose hyperparameters on validation only, then test the chosen ones once")
+    tune.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="experiment YAML (default: configs/quickstart.yaml)")
+    tune.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                      help="values to try for one config key, e.g. --grid train.lr=0.01,0.03 (repeatable: every combination runs)")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override one config value for every candidate (repeatable)")
+    tune.add_argument("--out", default=None, help="search folder, also the final run's (default: runs/<output.name>-tune-<timestamp>)")
+    tune.add_argument("--resume", action="store_true", help="continue the search in --out: finished trials are kept")
+    tune.add_argument("--random-trials", type=float, default=None, metavar="MEAN",
+                      help="random search: a geometric number of trials with this mean, each a random grid point "
+                           "(the chosen model then also gets Papernot & Steinke's sharper bound)")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the random search (logged in tuning.json)")
+    tune.add_argument("--verbose", action="store_true", help="show Flower's full log, not only progress")
     audit = sub.add_parser("audit", help="verify site ledgers and recompute every epsilon independently")
     audit.add_argument("run_dir", help="a run folder (with ledger/) or a folder of <site>.jsonl ledgers")
     audit.add_argument("--out", default=None, help="where to write audit.json and audit.md (default: run_dir)")
@@ -66,6 +79,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from fedfm.models.registry import check_backbone
+    from fedfm.tune import parse_grid, run_tuning
+
+    config = load_config(args.config, args.overrides)
+    grid = parse_grid(args.grid)
+    if args.resume and not args.out:
+        raise ConfigError("--resume continues the search in --out: pass --out RUN_DIR")
+    check_backbone(config.model, config.data.spatial_dims or 2)
+    out = args.out or str(Path("runs") / f"{config.output.name}-tune-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    run_dir = run_tuning(config, grid, out, verbose=args.verbose, resume=args.resume,
+                         random_trials=args.random_trials, seed=args.seed)
+    print_summary(run_dir)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fedfm.report import write_report
 
@@ -77,8 +108,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from fedfm.privacy.audit import audit_run, write_audit
 
+    from fedfm.privacy.scope import scope_notes
+
     audits = audit_run(args.run_dir, canaries=args.canaries, seed=args.seed)
     json_path, md_path = write_audit(audits, args.out or args.run_dir)
+    notes = scope_notes(args.run_dir)
+    if notes:  # what the statements cover beyond the ledgers: a search's trials, un-noised statistics
+        payload = json.loads(json_path.read_text())
+        json_path.write_text(json.dumps({**payload, "scope": notes}, indent=2))
+        md_path.write_text(md_path.read_text().rstrip("\n") + "\n\n## Scope\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     for a in audits:
         eps = ", ".join(f"{k} {v:.4f}" for k, v in a.epsilons.items())
         last = f"  last round {a.rounds[-1]}" if a.rounds else ""
@@ -88,6 +126,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(f"  empirical: {r['correct']}/{r['guesses']} guesses right, epsilon >= {r['epsilon_lower_bound']:.3f}")
         for problem in a.problems:
             print(f"  - {problem}")
+    for note in notes:
+        print(f"note: {note}")
     print(f"wrote {json_path} and {md_path}")
     return 0 if all(a.passed for a in audits) else 1
 
@@ -104,6 +144,8 @@ def add_export_and_predict(sub) -> None:
     predict.add_argument("--out", default=None, metavar="FILE", help="also write the predictions as CSV")
     predict.add_argument("--labels", action="store_true",
                          help="each image's parent folder is named by its true class index: report accuracy")
+    predict.add_argument("--uncalibrated", action="store_true",
+                         help="raw softmax and most probable class, ignoring the temperature and threshold fitted on validation")
 
 
 def add_deploy(sub) -> None:
@@ -164,10 +206,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from fedfm.predict import format_line, predict_run, write_csv
 
-    predictions = predict_run(args.run_dir, args.images, labelled=args.labels)
+    predictions = predict_run(args.run_dir, args.images, labelled=args.labels, calibrated=not args.uncalibrated)
+    if predictions.calibration is not None:
+        cal = predictions.calibration
+        threshold = "" if cal.threshold is None else f", class 1 when p1 >= {cal.threshold:.3f}"
+        print(f"calibrated on validation: temperature {cal.temperature:.3f}{threshold} (--uncalibrated for raw)")
     for i, path in enumerate(predictions.files):
         label = None if predictions.labels is None else int(predictions.labels[i])
-        print(format_line(path, predictions.probs[i], label))
+        print(format_line(path, predictions.probs[i], label, int(predictions.predicted[i])))
     if predictions.accuracy is not None:
         print(f"accuracy {predictions.accuracy:.4f} on {len(predictions.files)} labelled images")
     if args.out:
@@ -213,7 +259,7 @@ def _fmt(value, width: int = 7, digits: int = 4) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"export": cmd_export, "predict": cmd_predict,
-                "simulate": cmd_simulate, "audit": cmd_audit, "report": cmd_report, "config": cmd_config,
+                "simulate": cmd_simulate, "tune": cmd_tune, "audit": cmd_audit, "report": cmd_report, "config": cmd_config,
                 "deploy": cmd_deploy, "bench": cmd_bench}
     try:
         return handlers[args.command](args)

@@ -139,6 +139,9 @@ class PrivacyConfig(_Section):
     accountant: Literal["prv", "rdp"] = "prv"
     secure_mode: bool = False
     grad_sampler: Literal["fused", "opacus"] = "fused"
+    # how many runs of this shape the site's budget must cover (a search's trials and its final run):
+    # the noise is calibrated so that this many runs together reach the budget, not one
+    runs_in_budget: int = Field(1, ge=1)
     budget: BudgetConfig = BudgetConfig()
     client: ClientDPConfig = ClientDPConfig()
 
@@ -178,6 +181,12 @@ class TrainConfig(_Section):
     activation_cache: bool = True
     activation_cache_dtype: Literal["float32", "float16"] = "float32"  # float16: half the file, not exact
     activation_cache_dir: str | None = None  # null = the site's own folder (next to its ledger)
+    # class imbalance: auto = class weights when a site's classes are skewed (largest / smallest
+    # train count >= class_balance_ratio), weighted = always, none = never; the counts the weights
+    # come from are released with Gaussian noise (label_count_noise) and charged to the site's ledger
+    class_balance: Literal["auto", "weighted", "none"] = "auto"
+    class_balance_ratio: float = Field(1.5, ge=1)
+    label_count_noise: float = Field(20.0, gt=0)
 
 
 Baseline = Literal["local", "centralized", "centralized_nodp", "federated_nodp"]
@@ -194,6 +203,11 @@ class EvalConfig(_Section):
     baselines: list[Baseline] = Field(default_factory=list)
     baseline_overrides: dict[Baseline, list[str]] = Field(default_factory=dict)
     report: bool = True
+    # after training, fit a temperature (and, for two classes, a decision threshold) on the sites'
+    # summed validation statistics; applied to the final evaluation, export and predict
+    calibrate: bool = True
+    # repeat the run with each of these train.seed values and report mean and std ([] = once)
+    seeds: list[int] = Field(default_factory=list)
 
 
 class OutputConfig(_Section):

@@ -4,7 +4,8 @@ The adapter export is what ``PeftModel.from_pretrained(backbone, folder)`` loads
 ``fedfm_model.json`` (backbone, LoRA settings, classes, channels, image size). The merged export
 is a plain state dict of the backbone (``model.safetensors``, LoRA folded into the weights by
 peft's ``merge_and_unload``) with ``model.json`` saying how to rebuild the module it loads into;
-:func:`load_merged` does that.
+:func:`load_merged` does that. Both come with a model card (``MODEL_CARD.md`` and ``model_card.json``,
+:mod:`fedfm.report.model_card`) generated from the run folder.
 """
 
 from __future__ import annotations
@@ -17,19 +18,38 @@ from torch import nn
 
 from fedfm.config import ConfigError, ModelConfig
 from fedfm.models import ModelSpec, build_backbone
-from fedfm.run_folder import CompletedRun, load_trained_model, open_run
+from fedfm.report.model_card import write_model_card
+from fedfm.run_folder import CompletedRun, load_trained_model, open_run, read_calibration
 
 MERGED_WEIGHTS = "model.safetensors"
 MERGED_SPEC = "model.json"
 MERGED_FORMAT = "fedfm-merged"
+CALIBRATION_FILE = "calibration.json"
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, merge: bool = False) -> Path:
-    """Write the run's adapter (or, with ``merge``, the merged model) into ``out`` (default RUN_DIR/export)."""
+    """Write the run's adapter (or, with ``merge``, the merged model) into ``out`` (default RUN_DIR/export),
+    with ``MODEL_CARD.md`` and ``model_card.json`` generated from the run folder."""
     run = open_run(run_dir)
     folder = Path(out) if out is not None else run.path / "export"
     folder.mkdir(parents=True, exist_ok=True)
-    return export_merged(run, folder) if merge else export_adapter(run, folder)
+    folder = export_merged(run, folder) if merge else export_adapter(run, folder)
+    write_calibration(run, folder)
+    write_model_card(run.path, folder)
+    return folder
+
+
+def write_calibration(run: CompletedRun, folder: Path) -> Path | None:
+    """``calibration.json``: the temperature (divide the logits by it) and, for two classes, the
+    threshold on the calibrated p(class 1) that the run fitted on validation; absent without one."""
+    calibration = read_calibration(run)
+    path = folder / CALIBRATION_FILE
+    if calibration is None:
+        path.unlink(missing_ok=True)
+        return None
+    path.write_text(json.dumps({**calibration.to_dict(), "use": "probs = softmax(logits / temperature); with two "
+                                "classes predict 1 when probs[:, 1] >= threshold"}, indent=2) + "\n")
+    return path
 
 
 def export_adapter(run: CompletedRun, folder: Path) -> Path:

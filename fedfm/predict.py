@@ -20,19 +20,22 @@ from fedfm.data.folder import IMAGE_SUFFIXES, read_image
 from fedfm.data.resize import resize_images
 from fedfm.data.types import Split
 from fedfm.models import ModelSpec
-from fedfm.run_folder import load_trained_model, open_run
+from fedfm.eval.calibration import Calibration, apply_calibration
+from fedfm.run_folder import load_trained_model, open_run, read_calibration
 from fedfm.training.local import predict_probs
 
 
 @dataclass(frozen=True)
 class Predictions:
     files: list[Path]
-    probs: np.ndarray  # (N, num_classes), softmax of the logits
+    probs: np.ndarray  # (N, num_classes): softmax of the logits, after the run's calibration when it has one
     labels: np.ndarray | None  # true class per file when known (labelled), else None
+    decisions: np.ndarray | None = None  # classes under the run's fitted threshold; None = most probable class
+    calibration: Calibration | None = None
 
     @property
     def predicted(self) -> np.ndarray:
-        return self.probs.argmax(axis=1)
+        return self.probs.argmax(axis=1) if self.decisions is None else self.decisions
 
     @property
     def accuracy(self) -> float | None:
@@ -41,14 +44,20 @@ class Predictions:
         return float(np.mean(self.predicted == self.labels))
 
 
-def predict_run(run_dir: str | Path, images: list[str | Path], labelled: bool = False) -> Predictions:
-    """Probabilities of the run's model for ``images`` (files, or folders searched for image files)."""
+def predict_run(run_dir: str | Path, images: list[str | Path], labelled: bool = False,
+                calibrated: bool = True) -> Predictions:
+    """Probabilities of the run's model for ``images`` (files, or folders searched for image files);
+    with ``calibrated``, under the temperature and threshold the run fitted on validation."""
     run = open_run(run_dir)
     files = collect_images(images)
     split = Split(load_images(files, run.spec), np.zeros(len(files), np.int64))
     probs = predict_probs(load_trained_model(run), split, run.config.eval.batch_size)
     labels = folder_labels(files, run.spec.num_classes) if labelled else None
-    return Predictions(files, probs, labels)
+    calibration = read_calibration(run) if calibrated else None
+    if calibration is None:
+        return Predictions(files, probs, labels)
+    scaled, decisions = apply_calibration(probs, calibration)
+    return Predictions(files, scaled, labels, decisions, calibration)
 
 
 def collect_images(items: list[str | Path]) -> list[Path]:
@@ -101,11 +110,12 @@ def folder_labels(files: list[Path], num_classes: int) -> np.ndarray:
     return np.array(labels, np.int64)
 
 
-def format_line(path: Path, probs: np.ndarray, label: int | None = None) -> str:
+def format_line(path: Path, probs: np.ndarray, label: int | None = None, predicted: int | None = None) -> str:
     """One printed row: file, predicted class, probability of each class (and the true class)."""
     probabilities = " ".join(f"{p:.4f}" for p in probs)
     truth = "" if label is None else f"  true {label}"
-    return f"{path}  class {int(probs.argmax())}  p [{probabilities}]{truth}"
+    decided = int(probs.argmax()) if predicted is None else int(predicted)
+    return f"{path}  class {decided}  p [{probabilities}]{truth}"
 
 
 def write_csv(predictions: Predictions, path: str | Path) -> Path:

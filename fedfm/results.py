@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedfm.config import ExperimentConfig
+from fedfm.eval.calibration import CALIBRATED, TEMPERATURES, Calibration, apply_calibration
 from fedfm.eval.metrics import bootstrap_intervals, classification_metrics, reliability_curve
 from fedfm.models import load_adapter_state_dict, save_adapter, unwrap
 from fedfm.models.spec import SPEC_ATTR
@@ -56,6 +57,8 @@ class RunRecorder:
     round_offset: int = 0  # rounds done before this process started (resumed runs)
     started: float = field(default_factory=time.time)
     earlier_wall_time_s: float = 0.0
+    validation: dict[str, Any] = field(default_factory=dict)  # the final adapter on the validation splits
+    calibration: Calibration | None = None  # fitted on the sites' summed validation statistics
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -124,6 +127,22 @@ class RunRecorder:
         write_json(folder / "state.json", {"round": server_round + self.round_offset, "time": time.time()})
         self.write_results(status="running")
 
+    def record_validation(self, evaluations: dict[str, SiteEvaluation], calibration: Calibration | None) -> None:
+        """The final adapter's validation metrics: pooled (when the sites shared predictions) or
+        size-weighted over sites, what a search selects by; and the fitted calibration."""
+        pooled = pooled_summary(evaluations)
+        per_site = {k: ev.metrics for k, ev in evaluations.items()}
+        self.validation = {
+            "pooled": {k: v for k, v in pooled.items() if k != "reliability"},
+            "auroc": pooled.get("auroc", _weighted(per_site, "auroc")),
+            "auroc_kind": "pooled" if pooled else "site-weighted",
+            "sites": {k: {m: v for m, v in ev.metrics.items() if m in TEST_METRICS} for k, ev in evaluations.items()},
+        }
+        self.calibration = calibration
+        if calibration is not None and pooled:
+            self.validation["pooled_calibrated"] = {
+                k: v for k, v in calibrated_pooled_summary(evaluations, calibration).items() if k != "reliability"}
+
     def finalize(self, adapter: dict[str, torch.Tensor], evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
         if self.config.lora.stacked:  # the stacked adapter's ranks grew from round to round
             self.model = stacked_global_model(getattr(unwrap(self.model), SPEC_ATTR), adapter)
@@ -145,6 +164,9 @@ class RunRecorder:
             if self.config.eval.holdout_sites else {},
             "worst_site": worst_site(evaluations or {}),
             "pooled_personal": _pooled_personal(evaluations or {}),
+            "validation": self.validation,
+            "calibration": self._calibration(),
+            "pooled_calibrated": calibrated_pooled_summary(evaluations or {}, self.calibration),
             "client_level": self.client_level,
             "communication": self._communication(),
             "wall_time_s": round(time.time() - self.started + self.earlier_wall_time_s, 2),
@@ -169,10 +191,20 @@ class RunRecorder:
                 "rounds_trained": sum(site in r["participants"] for r in self.rounds),
                 "held_out": self._held_out(site),
             }
+            calibrated = {k[len(CALIBRATED):]: v for k, v in metrics.items() if k.startswith(CALIBRATED)}
+            if calibrated:
+                sites[site]["test_calibrated"] = {k: calibrated[k] for k in TEST_METRICS if k in calibrated}
             if ev is not None and ev.personal is not None:
                 own = test_summary(dict(ev.personal.metrics), ev.personal)
                 sites[site].update({"test_personal": own["test"], "test_personal_ci95": own["test_ci95"]})
         return sites
+
+    def _calibration(self) -> dict[str, Any] | None:
+        if self.calibration is None:
+            return None
+        return {**self.calibration.to_dict(), "fitted_on": "the sites' summed validation statistics (no DP noise)",
+                "temperature_grid": [float(TEMPERATURES[0]), float(TEMPERATURES[-1]), len(TEMPERATURES)],
+                "threshold_rule": "highest balanced accuracy (Youden's J)"}
 
     def _held_out(self, site: str) -> bool:
         return site in {site_name(s) for s in self.config.eval.holdout_sites}
@@ -201,6 +233,27 @@ def pooled_summary(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
     return {
         **classification_metrics(probs, labels),
         "ci95": bootstrap_intervals(probs, labels),
+        "reliability": reliability_curve(probs, labels),
+        **({"recall_per_class": per_class_recall(probs.argmax(axis=1), labels, probs.shape[1])} if probs.shape[1] > 2 else {}),
+    }
+
+
+def per_class_recall(preds: np.ndarray, labels: np.ndarray, classes: int) -> list[float | None]:
+    """Sensitivity of each class (None where the class is absent): what balanced accuracy averages."""
+    return [float(np.mean(preds[labels == c] == c)) if np.any(labels == c) else None for c in range(classes)]
+
+
+def calibrated_pooled_summary(evaluations: dict[str, SiteEvaluation], calibration: Calibration | None) -> dict[str, Any]:
+    """:func:`pooled_summary` of the shared predictions after ``calibration`` (empty without one)."""
+    parts = [evaluations[k] for k in sorted(evaluations, key=_site_order)]
+    parts = [ev for ev in parts if ev.probs is not None and len(ev.probs)]
+    if calibration is None or not parts:
+        return {}
+    probs, preds = apply_calibration(np.concatenate([ev.probs for ev in parts]), calibration)
+    labels = np.concatenate([ev.labels for ev in parts])
+    return {
+        **classification_metrics(probs, labels, preds),
+        "ci95": bootstrap_intervals(probs, labels, preds=preds),
         "reliability": reliability_curve(probs, labels),
     }
 

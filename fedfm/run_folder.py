@@ -15,6 +15,7 @@ from peft import PeftModel
 from torch import nn
 
 from fedfm.config import ConfigError, ExperimentConfig, load_config
+from fedfm.eval.calibration import Calibration
 from fedfm.models import ModelSpec, build_backbone, read_spec
 from fedfm.models.stacking import global_lora_config
 
@@ -80,6 +81,15 @@ def _spec_from_data(config: ExperimentConfig, path: Path) -> ModelSpec:
         ) from None
     lora = global_lora_config(config.lora) if config.lora.stacked else config.lora
     return ModelSpec(config.model, lora, info.num_classes, info.channels, config.data.image_size, info.spatial_dims)
+
+
+def read_calibration(run: CompletedRun) -> Calibration | None:
+    """The temperature and threshold the run fitted on validation (results.json), or None."""
+    fitted = json.loads((run.path / "results.json").read_text()).get("calibration")
+    if not fitted:
+        return None
+    threshold = fitted.get("threshold")
+    return Calibration(float(fitted["temperature"]), None if threshold is None else float(threshold))
 
 
 def load_trained_model(run: CompletedRun) -> nn.Module:

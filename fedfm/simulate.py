@@ -56,19 +56,22 @@ def resumable_run(run_dir: str | Path) -> tuple[ExperimentConfig, Path]:
     config = load_config(run_dir / "config.yaml")
     results = run_dir / "results.json"
     complete = results.exists() and json.loads(results.read_text()).get("status") == "complete"
-    if complete and not (config.eval.leave_one_site_out or config.eval.baselines):
+    if complete and not (config.eval.leave_one_site_out or config.eval.baselines or config.eval.seeds):
         raise ConfigError(f"--resume {run_dir}: the run is already complete")
     return config, run_dir
 
 
-def write_run_config(config: ExperimentConfig, run_dir: Path, resume: bool = False, until_round: int = 0) -> Path:
-    """The ``--run-config`` TOML: the resolved experiment as JSON, the output folder, resume settings."""
+def write_run_config(config: ExperimentConfig, run_dir: Path, resume: bool = False, until_round: int = 0,
+                     ledger_dir: Path | None = None) -> Path:
+    """The ``--run-config`` TOML: the resolved experiment as JSON, the output folder, resume settings
+    and, when several runs share the sites' ledgers (a search), the ledger folder."""
     path = run_dir / "run-config.toml"
     path.write_text(
         f"config-json = {json.dumps(config.to_json())}\n"
         f"out-dir = {json.dumps(str(run_dir))}\n"
         f"resume = {'true' if resume else 'false'}\n"
         f"until-round = {int(until_round)}\n"
+        + (f"ledger-dir = {json.dumps(str(ledger_dir))}\n" if ledger_dir is not None else "")
     )
     return path
 
@@ -111,16 +114,18 @@ def run_simulation(
     verbose: bool = False,
     resume: bool = False,
     until_round: int = 0,
+    ledger_dir: Path | None = None,
 ) -> Path:
     """Run ``config`` on Flower's simulation engine; return the run folder with results.json.
 
     ``resume`` continues the run in ``out`` from its last checkpoint; ``until_round`` stops
-    cleanly after that round (results.json says ``paused``).
+    cleanly after that round (results.json says ``paused``); ``ledger_dir`` puts the sites' ledgers
+    there instead of RUN/ledger (runs of one search share them, so each site's budget covers all).
     """
     if not (APP_DIR / "pyproject.toml").is_file():
         raise ConfigError(f"fedfm simulate needs the fedfm app folder (with pyproject.toml); not found at {APP_DIR}")
     run_dir = Path(out).resolve() if resume else prepare_run_dir(config, out)
-    command = flwr_command(config, write_run_config(config, run_dir, resume, until_round))
+    command = flwr_command(config, write_run_config(config, run_dir, resume, until_round, ledger_dir))
     port_open, running = settled_superlink()
     # a SuperLink process counts even while its port is closed: this run must neither start a
     # second one nor stop one it did not start

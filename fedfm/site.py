@@ -26,6 +26,15 @@ from fedfm.personal import PersonalState
 from fedfm.privacy.accountant import SiteAccountant, StepBatch, calibrate_noise
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.training.activation_cache import ActivationCache, FeatureSplit, SuffixModel, prefix_length
+from fedfm.training.class_balance import (
+    LABEL_COUNT_SENSITIVITY,
+    LABEL_COUNTS,
+    balanced_weights,
+    label_count_release,
+    noisy_label_counts,
+    release_seed,
+    wants_weights,
+)
 from fedfm.training.local import plan_steps, predict_probs, train_round
 
 
@@ -108,13 +117,22 @@ class Site:
         return model
 
     def noise_multiplier(self, sample_rate: float, steps_per_round: int) -> float:
-        """The configured sigma, or one calibrated to the target epsilon over all planned rounds."""
+        """The configured sigma, or one calibrated to the target epsilon over all planned rounds
+        of ``privacy.runs_in_budget`` runs, with each run's label-count release (class balance) in
+        the same budget."""
         privacy = self.config.privacy
         if privacy.noise_multiplier is not None:
             return privacy.noise_multiplier
         target = privacy.target_epsilon or self.budget
-        total_steps = steps_per_round * self.config.federation.rounds
-        return _calibrated_noise(target, privacy.delta, sample_rate, total_steps, privacy.accountant)
+        runs = privacy.runs_in_budget
+        total_steps = steps_per_round * self.config.federation.rounds * runs
+        fixed = (label_count_release(self.config.train.label_count_noise, runs),) if self.releases_label_counts else ()
+        return _calibrated_noise(target, privacy.delta, sample_rate, total_steps, privacy.accountant, fixed)
+
+    @property
+    def releases_label_counts(self) -> bool:
+        """Under DP-SGD, class balance (auto or weighted) needs the site's label counts, released with noise."""
+        return self.config.privacy.sample_level and self.config.train.class_balance != "none"
 
     @property
     def held_out(self) -> bool:
@@ -130,19 +148,29 @@ class Site:
         if cfg.privacy.sample_level:
             accountant = self.ledger.accountant(cfg.privacy.accountant)
             sigma = self.noise_multiplier(plan.sample_rate, plan.steps)
-            self._check_budget(accountant, StepBatch(sigma, plan.sample_rate, plan.steps))
+            batches = [StepBatch(sigma, plan.sample_rate, plan.steps)]
+            if self.releases_label_counts and self._released_label_counts() is None:
+                batches.insert(0, label_count_release(cfg.train.label_count_noise))  # released first, this round
+            self._check_budget(accountant, *batches)
+        class_weights = self.class_weights(server_round, accountant)
         model = self.fresh_model(self.personal.apply(global_adapter, before=server_round))
         trained, train_split = self.runnable(model, "train")
         started = time.perf_counter()
         outcome = train_round(
             trained, train_split, cfg.train, cfg.privacy, accountant, sigma or 0.0,
-            round_seed(cfg.train.seed, self.site_id, server_round),
+            round_seed(cfg.train.seed, self.site_id, server_round), class_weights=class_weights,
         )
         seconds = time.perf_counter() - started
         epsilon = 0.0
         if accountant is not None:
             epsilon = accountant.epsilon(cfg.privacy.delta)
-            self._record(server_round, outcome.steps, sigma, outcome.sample_rate, epsilon)
+            self._record(server_round, outcome.steps, sigma, outcome.sample_rate, epsilon, class_weights)
+        # Every site's reply carries both keys (the server aggregates only replies with the same
+        # keys); unweighted is weight 1 for every class.
+        balance = {
+            "class-weighted": int(class_weights is not None),
+            "class-weights": [float(w) for w in (class_weights if class_weights is not None else [1.0] * self.data.num_classes)],
+        }
         metrics = {
             "num-examples": len(self.data.train),
             "site-id": self.site_id,
@@ -154,6 +182,7 @@ class Site:
             "noise-multiplier": outcome.noise_multiplier,
             "sample-rate": outcome.sample_rate,
             "train-seconds": seconds,  # the round's steps; building the activation cache is counted apart
+            **balance,
             **self.cache_metrics(),
         }
         adapter = adapter_state_dict(model)
@@ -166,9 +195,68 @@ class Site:
         """This site's epsilon budget (its own entry in privacy.budget.sites, or the shared one)."""
         return self.config.privacy.budget.for_site(self.name)
 
-    def _check_budget(self, accountant: SiteAccountant, batch: StepBatch) -> None:
+    def class_weights(self, server_round: int, accountant: SiteAccountant | None) -> list[float] | None:
+        """The class weights this round trains with, or None (unweighted), per ``train.class_balance``.
+
+        Under DP-SGD (``accountant`` given) the decision and the weights come only from the site's
+        noisy label counts: released the first time the site trains (composed onto
+        ``accountant`` and written to the ledger), read back from the ledger afterwards. Without
+        DP-SGD they come from the exact counts.
+        """
+        train = self.config.train
+        if train.class_balance == "none":
+            return None
+        if accountant is None:
+            counts: list[float] = [float(c) for c in label_counts(self.data.train, self.data.num_classes)]
+        else:
+            released = self._released_label_counts()
+            counts = released if released is not None else self._release_label_counts(server_round, accountant)
+        noise = train.label_count_noise if accountant is not None else 0.0
+        if not wants_weights(train.class_balance, counts, train.class_balance_ratio, noise):
+            return None
+        return balanced_weights(counts)
+
+    def _released_label_counts(self) -> list[float] | None:
+        """The noisy label counts this site released before (its ledger's label-count entry), if any."""
+        for entry in self.ledger.verify():
+            if entry.get("kind") == LABEL_COUNTS:
+                return [float(c) for c in entry["noisy_label_counts"]]
+        return None
+
+    def _release_label_counts(self, server_round: int, accountant: SiteAccountant) -> list[float]:
+        """Release the train label counts with the Gaussian mechanism, once: compose it onto
+        ``accountant`` and record it in the ledger before anything uses the counts."""
+        cfg = self.config
+        exact = label_counts(self.data.train, self.data.num_classes)
+        noisy = noisy_label_counts(exact, cfg.train.label_count_noise, release_seed(cfg.train.seed, self.site_id),
+                                   cfg.privacy.secure_mode)
+        release = label_count_release(cfg.train.label_count_noise)
+        accountant.add(release)
+        privacy = cfg.privacy
+        self.ledger.append({
+            "kind": LABEL_COUNTS,
+            "round": server_round,
+            "steps": release.steps,
+            "noise_multiplier": release.noise_multiplier,
+            "sample_rate": release.sample_rate,
+            "sampling": "no-amplification",
+            "sensitivity": LABEL_COUNT_SENSITIVITY,
+            "noisy_label_counts": noisy,
+            "delta": privacy.delta,
+            "accountant": privacy.accountant,
+            "accountant_library": f"opacus {opacus.__version__}",
+            "epsilon": accountant.epsilon(privacy.delta),
+            "budget_epsilon": self.budget,
+            "n_train": len(self.data.train),
+            "time": time.time(),
+        })
+        return noisy
+
+    def _check_budget(self, accountant: SiteAccountant, *batches: StepBatch) -> None:
+        """Refuse the round if ``batches`` (its label-count release, if still to come, and its
+        DP-SGD steps) would take the site above its budget."""
         privacy = self.config.privacy
-        projected = accountant.epsilon_after(batch, privacy.delta)
+        projected = accountant.epsilon_after(batches, privacy.delta)
         if projected > self.budget:
             spent = accountant.epsilon(privacy.delta)
             raise BudgetExhausted(
@@ -176,8 +264,10 @@ class Site:
                 f"{self.budget} (spent so far {spent:.3f} at delta {privacy.delta})"
             )
 
-    def _record(self, server_round: int, steps: int, sigma: float, q: float, epsilon: float) -> None:
+    def _record(self, server_round: int, steps: int, sigma: float, q: float, epsilon: float,
+                class_weights: list[float] | None = None) -> None:
         privacy = self.config.privacy
+        weighting = {} if class_weights is None else {"class_weights": [float(w) for w in class_weights]}
         self.ledger.append({
             "round": server_round,
             "steps": steps,
@@ -192,6 +282,7 @@ class Site:
             "budget_epsilon": self.budget,
             "n_train": len(self.data.train),
             "time": time.time(),
+            **weighting,
         })
 
     def evaluate(self, global_adapter: dict[str, torch.Tensor], split: str, personal: bool = False) -> EvalReply:
@@ -219,5 +310,6 @@ class Site:
 
 
 @functools.lru_cache(maxsize=256)
-def _calibrated_noise(target: float, delta: float, q: float, steps: int, mechanism: str) -> float:
-    return calibrate_noise(target, delta, q, steps, mechanism)
+def _calibrated_noise(target: float, delta: float, q: float, steps: int, mechanism: str,
+                      fixed: tuple[StepBatch, ...] = ()) -> float:
+    return calibrate_noise(target, delta, q, steps, mechanism, fixed)

@@ -5,6 +5,7 @@ Layout of a run folder::
     RUN/results.json                         the federated run (as configured)
     RUN/loso/without-site-K/results.json     the federation trained without site K (eval.leave_one_site_out)
     RUN/baselines/<name>/results.json        local, centralized, centralized_nodp, federated_nodp
+    RUN/seeds/seed-S/results.json            the same run with train.seed = S (eval.seeds), its own ledger
     RUN/report.html, report.md, report.json  (eval.report)
 
 Each part is a complete run of its own, written as it finishes; ``fedfm simulate --resume RUN``
@@ -31,6 +32,7 @@ def part_config(config: ExperimentConfig, holdout: list[int] | None = None, priv
     part.eval.leave_one_site_out = False
     part.eval.baselines = []
     part.eval.report = False
+    part.eval.seeds = []
     part.output.dir = None
     if holdout is not None:
         part.eval.holdout_sites = holdout
@@ -44,6 +46,17 @@ def baseline_config(config: ExperimentConfig, name: str) -> ExperimentConfig:
     part = part_config(config, private=False if name.endswith("_nodp") else None)
     extra = config.eval.baseline_overrides.get(name, [])
     return validate_config(apply_overrides(part.model_dump(mode="json"), extra)) if extra else part
+
+
+def seed_config(config: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """The run again with another seed of sampling, noise and dropout (data and adapter init unchanged)."""
+    part = part_config(config)
+    part.train.seed = seed
+    return part
+
+
+def seed_dir(run_dir: Path, seed: int) -> Path:
+    return run_dir / "seeds" / f"seed-{seed}"
 
 
 def loso_dir(run_dir: Path, site_id: int) -> Path:
@@ -64,6 +77,9 @@ def run_study(config: ExperimentConfig, out: str | None = None, verbose: bool = 
         run_dir = run_simulation(config, out, verbose=verbose, resume=resume, until_round=until_round)
         if 0 < until_round < config.federation.rounds:
             return run_dir  # paused: the rest of the study waits for --resume
+    for seed in [s for s in config.eval.seeds if s != config.train.seed]:
+        print(f"[fedfm] seed {seed}: the same run with train.seed={seed}", flush=True)
+        run_part(seed_config(config, seed), seed_dir(run_dir, seed), verbose)
     if config.eval.leave_one_site_out:
         for k in range(config.data.num_sites):
             print(f"[fedfm] leave-one-site-out {k + 1}/{config.data.num_sites}: the federation without site-{k}", flush=True)

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from fedfm.appconfig import experiment_from_run_config
+from fedfm.eval.calibration import STATISTICS_PREFIX, Calibration, calibration_config, fit_calibration, sum_statistics
 from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict, full_model_bytes
 from fedfm.results import PERSONAL, RunRecorder, SiteEvaluation
@@ -55,12 +56,17 @@ def main(grid: Grid, context: Context) -> None:
         print(f"[fedfm] paused after round {last}: continue with fedfm simulate --resume {run_dir}", flush=True)
         return
     sent = ArrayRecord(encode(final.to_torch_state_dict(), fed.transport))
-    evaluations = (evaluate_on_test(grid, sent, config.eval.share_predictions, fed.round_timeout_s)
+    calibration = validate_final(grid, sent, config, recorder)
+    test_config = calibration_config(calibration) if calibration is not None else {}
+    evaluations = (evaluate_split(grid, sent, "test", config.eval.share_predictions, fed.round_timeout_s, test_config)
                    if config.eval.test else {})  # eval.test=false: a search on validation never reads test
     recorder.record_transfer(sent.count_bytes(), len(evaluations))
     results = recorder.finalize(final.to_torch_state_dict(), evaluations)
-    pooled = results["pooled"].get("auroc")
-    print(f"[fedfm] done: pooled test AUROC {pooled}, results in {run_dir}", flush=True)
+    if config.eval.test:
+        print(f"[fedfm] done: pooled test AUROC {results['pooled'].get('auroc')}, results in {run_dir}", flush=True)
+    else:
+        print(f"[fedfm] done (validation only): validation AUROC {recorder.validation.get('auroc')} "
+              f"({recorder.validation.get('auroc_kind')}), results in {run_dir}", flush=True)
 
 
 def wait_for_sites(grid: Grid, expected: int, timeout: float) -> int:
@@ -79,9 +85,28 @@ def wait_for_sites(grid: Grid, expected: int, timeout: float) -> int:
         time.sleep(1)
 
 
-def evaluate_on_test(grid: Grid, arrays: ArrayRecord, predictions: bool, timeout: float) -> dict[str, SiteEvaluation]:
-    """Ask every site to evaluate the final adapter on its own test split."""
-    config = ConfigRecord({"split": "test", "return-predictions": predictions})
+def validate_final(grid: Grid, arrays: ArrayRecord, config, recorder: RunRecorder) -> Calibration | None:
+    """The final adapter on every site's validation split: pooled validation metrics (what a search
+    selects by) and, with eval.calibrate, the temperature and threshold fitted on the sites' summed
+    statistics. Returns the calibration, or None."""
+    stats: list[dict] = []
+    evaluations = evaluate_split(grid, arrays, "val", config.eval.share_predictions, config.federation.round_timeout_s,
+                                 {"calibration-stats": config.eval.calibrate}, stats)
+    recorder.record_transfer(arrays.count_bytes(), len(evaluations))
+    calibration = fit_calibration(sum_statistics(stats)) if config.eval.calibrate and stats else None
+    recorder.record_validation(evaluations, calibration)
+    if calibration is not None:
+        threshold = "" if calibration.threshold is None else f", threshold {calibration.threshold:.3f}"
+        print(f"[fedfm] calibrated on {len(stats)} sites' validation statistics: temperature "
+              f"{calibration.temperature:.3f}{threshold}", flush=True)
+    return calibration
+
+
+def evaluate_split(grid: Grid, arrays: ArrayRecord, split: str, predictions: bool, timeout: float,
+                   extra: dict | None = None, statistics: list[dict] | None = None) -> dict[str, SiteEvaluation]:
+    """Ask every site to evaluate ``arrays`` on its own ``split``; calibration statistics the sites
+    send go into ``statistics`` (one dict per site)."""
+    config = ConfigRecord({"split": split, "return-predictions": predictions, **(extra or {})})
     messages = [
         Message(
             content=RecordDict({"arrays": arrays, "config": config}),
@@ -96,6 +121,9 @@ def evaluate_on_test(grid: Grid, arrays: ArrayRecord, predictions: bool, timeout
             print(f"[fedfm] node {reply.metadata.src_node_id} failed its test evaluation: {reply.error.reason}")
             continue
         metrics = dict(reply.content["metrics"])
+        stats = {k: metrics.pop(k) for k in list(metrics) if k.startswith(STATISTICS_PREFIX)}
+        if stats and statistics is not None:
+            statistics.append(stats)
         personal = {k[len(PERSONAL):]: metrics.pop(k) for k in list(metrics) if k.startswith(PERSONAL)}
         probs = labels = None
         if "probs" in metrics:

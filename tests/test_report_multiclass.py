@@ -41,3 +41,10 @@ def test_report_of_a_three_class_run_built_without_flower(tmp_path):
     for row in run["sites"]:
         assert f"{row['metrics']['auroc']['value']:.4f}" in html
         assert row["label_counts"]["train"] == [20, 20, 10] and "20 : 20 : 10" in html
+    # per-class sensitivity of the pooled test set, by hand, and in the report
+    probs = np.concatenate([evaluations[s].probs for s in ("site-0", "site-1")])
+    labels = np.concatenate([evaluations[s].labels for s in ("site-0", "site-1")])
+    by_hand = [float(np.mean(probs[labels == c].argmax(1) == c)) for c in range(3)]
+    assert results["pooled"]["recall_per_class"] == by_hand
+    assert np.mean(by_hand) == results["pooled"]["balanced_accuracy"]
+    assert "Per-class sensitivity (pooled test)" in html and f"{by_hand[2]:.4f}" in html

@@ -51,15 +51,22 @@ def test_two_sites_two_rounds_synthetic_end_to_end(tmp_path):
         assert lo <= site["test"]["auroc"] <= hi
         assert 0 < site["epsilon"] <= 8.0 and site["delta"] == 1e-5
         entries = SiteLedger(out / "ledger", name).verify()
-        assert [e["round"] for e in entries] == [1, 2]
+        releases = [e for e in entries if e.get("kind") == "label-counts"]
+        assert len(releases) == 1 and releases[0] is entries[0]  # class balance: the noisy label counts, first
+        assert [e["round"] for e in entries[1:]] == [1, 2]
         assert entries[-1]["epsilon"] == site["epsilon"]
     assert results["pooled"]["n"] == sum(s["n_test"] for s in results["sites"].values())
     worst = results["worst_site"]
     assert worst["auroc"] == min(s["test"]["auroc"] for s in results["sites"].values())
     comm = results["communication"]
     assert 0 < comm["update_bytes"] < comm["full_model_bytes"]
-    # 2 rounds x 2 sites x (train down + up + validation down) + final test down
-    assert comm["total_bytes_moved"] == comm["update_bytes"] * (2 * 2 * 3 + 2)
+    # 2 rounds x 2 sites x (train down + up + validation down) + final validation down + final test down
+    assert comm["total_bytes_moved"] == comm["update_bytes"] * (2 * 2 * 3 + 2 + 2)
+    # calibration fitted on validation, applied to test: same ranking, its own decisions
+    assert results["calibration"]["temperature"] > 0 and 0 < results["calibration"]["threshold"] < 1
+    assert results["pooled_calibrated"]["auroc"] == pytest.approx(results["pooled"]["auroc"], abs=1e-9)
+    assert set(results["sites"]["site-0"]["test_calibrated"]) == set(results["sites"]["site-0"]["test"])
+    assert results["validation"]["auroc_kind"] == "pooled" and 0 <= results["validation"]["auroc"] <= 1
     assert comm["uploads"] == 2 * 2 and comm["mean_upload_bytes"] == comm["update_bytes"]
 
     # the final adapter loads with PEFT on the backbone, and equals the last checkpoint

@@ -16,6 +16,7 @@ from fedfm.training.local import plan_steps, train_round
 FAST = [
     "data.num_sites=2", "data.samples_per_site=120", "data.image_size=16", "federation.rounds=3",
     "train.batch_size=16", "privacy.noise_multiplier=1.0", "privacy.accountant=rdp",
+    "train.class_balance=none",  # no label-count release: the ledger holds the DP-SGD rounds only
 ]
 
 

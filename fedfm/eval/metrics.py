@@ -84,10 +84,13 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(sum(n / total * abs(a - c) for a, c, n in zip(curve["accuracy"], curve["confidence"], curve["count"])))
 
 
-def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The metrics fedfm reports for every site and for the pooled test set."""
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, preds: np.ndarray | None = None) -> dict[str, float]:
+    """The metrics fedfm reports for every site and for the pooled test set.
+
+    ``preds`` are the decisions (default: the most probable class; a fitted threshold gives others).
+    """
     probs = np.asarray(probs)
-    preds = np.argmax(probs, axis=1)
+    preds = np.argmax(probs, axis=1) if preds is None else np.asarray(preds)
     metrics = {
         "auroc": auroc(probs, labels),
         "accuracy": accuracy(preds, labels),
@@ -102,7 +105,8 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
 
 
 def bootstrap_intervals(
-    probs: np.ndarray, labels: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0
+    probs: np.ndarray, labels: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0,
+    preds: np.ndarray | None = None,
 ) -> dict[str, list[float]]:
     """Percentile bootstrap intervals of every metric in :func:`classification_metrics`.
 
@@ -110,11 +114,12 @@ def bootstrap_intervals(
     (e.g. AUROC with one class) are left out of that metric's interval.
     """
     probs, labels = np.asarray(probs), np.asarray(labels)
+    preds = np.argmax(probs, axis=1) if preds is None else np.asarray(preds)
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {}
     for _ in range(resamples):
         pick = rng.integers(0, len(labels), len(labels))
-        for key, value in classification_metrics(probs[pick], labels[pick]).items():
+        for key, value in classification_metrics(probs[pick], labels[pick], preds[pick]).items():
             if key != "n" and not np.isnan(value):
                 draws.setdefault(key, []).append(value)
     tail = (1 - level) / 2 * 100

@@ -1,14 +1,18 @@
-"""A site's privacy accountant: one history of every DP-SGD step the site ever took.
+"""A site's privacy accountant: one history of every DP release the site ever made.
 
 The history is a list of ``(noise_multiplier, sample_rate, steps)`` entries, exactly what
 Opacus accountants keep. It is rebuilt from the site's ledger, so the same accountant
 continues across rounds, processes and restarts, and gives the epsilon of one continuous run.
+Besides DP-SGD steps (sampled Gaussian mechanisms) it holds the site's release of its noisy
+label counts: a Gaussian mechanism on a sensitivity-1 histogram, which is a sampled Gaussian
+with sample rate 1 and one step, so the same accountant composes both.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,23 +65,64 @@ class SiteAccountant:
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
             return float(self.opacus.get_epsilon(delta=delta))
 
-    def epsilon_after(self, batch: StepBatch, delta: float) -> float:
-        """Epsilon the site would reach after also taking ``batch`` (history unchanged)."""
+    def epsilon_after(self, batch: StepBatch | Iterable[StepBatch], delta: float) -> float:
+        """Epsilon the site would reach after also taking ``batch`` (or each of several batches,
+        in order); the history is unchanged."""
         trial = copy.deepcopy(self)
-        trial.add(batch)
+        for one in [batch] if isinstance(batch, StepBatch) else batch:
+            trial.add(one)
         return trial.epsilon(delta)
 
 
+EPSILON_TOLERANCE = 0.01  # how far below the target a calibrated sigma may leave epsilon (Opacus' default)
+MAX_NOISE_MULTIPLIER = 1e6
+
+
 def calibrate_noise(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: str = "prv"
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: str = "prv",
+    fixed: Sequence[StepBatch] = (),
 ) -> float:
-    """Smallest noise multiplier (Opacus' search) that keeps ``steps`` steps within ``target_epsilon``."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=mechanism,
-        ))
+    """Smallest noise multiplier that keeps ``steps`` steps within ``target_epsilon``.
+
+    ``fixed`` are releases at a noise of their own that the same budget must also cover (a
+    site's noisy label counts), composed before the steps as in the site's ledger. Without
+    them this is Opacus' own search.
+    """
+    if not fixed:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=mechanism,
+            ))
+    floor = SiteAccountant(mechanism, list(fixed)).epsilon(delta)
+    if floor >= target_epsilon:
+        raise ValueError(
+            f"the fixed releases alone reach epsilon {floor:.4f} >= the target {target_epsilon}: no noise "
+            "multiplier leaves room for the steps (raise the label-count noise or the budget)"
+        )
+
+    def epsilon_at(sigma: float) -> float:
+        return SiteAccountant(mechanism, [*fixed, StepBatch(sigma, sample_rate, steps)]).epsilon(delta)
+
+    # Bracket: sigma_high within the target, sigma_low above it (0: no noise is never within).
+    sigma_low, sigma_high = 0.0, 10.0
+    eps_high = epsilon_at(sigma_high)
+    while eps_high > target_epsilon:
+        sigma_low, sigma_high = sigma_high, 2 * sigma_high
+        if sigma_high > MAX_NOISE_MULTIPLIER:
+            raise ValueError(f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} reaches epsilon {target_epsilon}")
+        eps_high = epsilon_at(sigma_high)
+    # Halve the bracket until sigma_high spends the target to within the tolerance (or the
+    # bracket is negligibly narrow); sigma_high always stays within the target.
+    while target_epsilon - eps_high > EPSILON_TOLERANCE and sigma_high - sigma_low > 1e-9 * sigma_high:
+        middle = (sigma_low + sigma_high) / 2
+        eps = epsilon_at(middle)
+        if eps <= target_epsilon:
+            sigma_high, eps_high = middle, eps
+        else:
+            sigma_low = middle
+    return sigma_high

@@ -9,6 +9,10 @@ The checks and tolerances follow shared practice for DP-SGD accounting:
 * every reported epsilon equals the recomputation with the accountant the ledger names;
 * the reported epsilon is not below the independent PLD value;
 * no entry exceeds the site's budget.
+
+A site's ledger may also hold one release of its noisy label counts (``kind: label-counts``,
+for class weights): a Gaussian mechanism without sampling on a sensitivity-1 histogram, which
+both libraries recompute as such and compose with the DP-SGD steps.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from opacus.accountants import RDPAccountant
 from fedfm.privacy.accountant import SiteAccountant
 from fedfm.privacy.ledger import LedgerError, SiteLedger, batch_of
 
+LABEL_COUNTS = "label-counts"  # ledger entries of a site's noisy label-count release
+KINDS = (None, LABEL_COUNTS)  # an entry without a kind is a round of DP-SGD steps (or a client-level round)
 RDP_RELATIVE_GAP = 2e-3
 PRV_MINUS_PLD = (0.0, 0.011)
 REPORTED_ABS_TOL = 1e-6
@@ -45,6 +51,7 @@ class SiteAudit:
     reported_epsilon: float | None = None
     epsilons: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    label_counts: dict[str, Any] | None = None  # the site's noisy label-count release, if it made one
     empirical: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -53,14 +60,23 @@ class SiteAudit:
         return not self.problems
 
 
+def is_release(entry: dict[str, Any]) -> bool:
+    """A noisy label-count release, not a round of training."""
+    return entry.get("kind") == LABEL_COUNTS
+
+
+def _dp_event(entry: dict[str, Any]) -> Any:
+    b = batch_of(entry)
+    if is_release(entry):  # the Gaussian mechanism itself, no sampling
+        return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(b.noise_multiplier), b.steps)
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(b.sample_rate, dp_accounting.GaussianDpEvent(b.noise_multiplier)),
+        b.steps,
+    )
+
+
 def _dp_events(entries: list[dict[str, Any]]) -> Any:
-    return dp_accounting.ComposedDpEvent([
-        dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(b.sample_rate, dp_accounting.GaussianDpEvent(b.noise_multiplier)),
-            b.steps,
-        )
-        for b in map(batch_of, entries)
-    ])
+    return dp_accounting.ComposedDpEvent([_dp_event(e) for e in entries])
 
 
 def dp_accounting_rdp_default_orders(entries: list[dict[str, Any]], delta: float) -> float:
@@ -98,7 +114,10 @@ def audit_ledger(ledger: SiteLedger) -> SiteAudit:
     if not entries:
         report.problems.append(f"{ledger.path}: the ledger is empty")
         return report
-    report.rounds = [int(e["round"]) for e in entries]
+    report.rounds = [int(e["round"]) for e in entries if not is_release(e)]
+    releases = [e for e in entries if is_release(e)]
+    if releases:
+        report.label_counts = {k: releases[0].get(k) for k in ("round", "noise_multiplier", "sensitivity", "noisy_label_counts")}
     deltas = {float(e["delta"]) for e in entries}
     if len(deltas) != 1:
         report.problems.append(f"entries use different deltas {sorted(deltas)}: one guarantee needs one delta")
@@ -107,6 +126,7 @@ def audit_ledger(ledger: SiteLedger) -> SiteAudit:
     report.reported_epsilon = float(entries[-1]["epsilon"])
     report.history = [
         {k: e.get(k) for k in ("round", "steps", "noise_multiplier", "sample_rate", "sampling", "max_grad_norm", "epsilon")}
+        | ({"kind": LABEL_COUNTS} if is_release(e) else {})
         for e in entries
     ]
     _check_entries(entries, report)
@@ -117,9 +137,21 @@ def audit_ledger(ledger: SiteLedger) -> SiteAudit:
 
 def _check_entries(entries: list[dict[str, Any]], report: SiteAudit) -> None:
     accountant_names = {e.get("accountant") for e in entries}
+    releases = 0
     for number, entry in enumerate(entries, start=1):
         unamplified = entry.get("sampling") == "no-amplification" and float(entry["sample_rate"]) == 1.0
-        if entry.get("sampling") != "poisson" and not unamplified:
+        if entry.get("kind") not in KINDS:
+            report.problems.append(f"entry {number} (round {entry['round']}): unknown kind {entry.get('kind')!r}")
+        if is_release(entry):
+            releases += 1
+            if not unamplified or float(entry.get("sensitivity", 1.0)) != 1.0:
+                report.problems.append(
+                    f"entry {number} (round {entry['round']}): a label-count release is accounted as a Gaussian "
+                    "mechanism without sampling (sample rate 1) on a sensitivity-1 histogram; this one is not"
+                )
+            if releases == 2:
+                report.problems.append(f"entry {number} (round {entry['round']}): a second label-count release")
+        elif entry.get("sampling") != "poisson" and not unamplified:
             report.problems.append(f"entry {number} (round {entry['round']}): sampling {entry.get('sampling')!r} is not Poisson")
         recomputed = recompute_reported(entries[:number], str(entry.get("accountant")), float(entry["delta"]))
         if abs(recomputed - float(entry["epsilon"])) > REPORTED_ABS_TOL:
@@ -201,7 +233,10 @@ def _add_empirical(audit: SiteAudit, config, ledger: SiteLedger, canaries: int, 
     from fedfm.privacy.empirical import replay_with_canaries
 
     site_id = int(ledger.site.rsplit("-", 1)[-1])
-    result = replay_with_canaries(config, site_id, ledger.verify(), canaries, seed=seed)
+    rounds = [e for e in ledger.verify() if not is_release(e)]  # replay the DP-SGD rounds; the claim keeps the release
+    if not rounds:
+        return
+    result = replay_with_canaries(config, site_id, rounds, canaries, seed=seed)
     audit.empirical = result.to_dict()
     if result.falsified:
         audit.problems.append(
@@ -248,8 +283,9 @@ def audit_markdown(audits: list[SiteAudit], libraries: dict[str, str]) -> str:
                 *[f"| {name} | {value:.6f} |" for name, value in a.epsilons.items()],
                 "",
             ]
-        elif a.reported_epsilon is not None:
-            last = a.history[-1]
+        elif a.reported_epsilon is not None and a.rounds:
+            last = [h for h in a.history if h.get("kind") != LABEL_COUNTS][-1]
+            released = a.label_counts
             lines += [
                 f"**Statement.** The adapter updates released by {a.site} over rounds {a.rounds[0]}-{a.rounds[-1]} "
                 f"({len(a.rounds)} rounds trained) satisfy ({a.reported_epsilon:.3f}, {a.delta:g})-differential privacy "
@@ -257,12 +293,17 @@ def audit_markdown(audits: list[SiteAudit], libraries: dict[str, str]) -> str:
                 "",
                 "- DP setting: sample-level DP-SGD run by the site itself; the server is not trusted with raw data.",
                 "- Privacy unit and adjacency: one image; add/remove one.",
-                "- Covered: every adapter update the site sent (and so the final adapter, by post-processing).",
+                "- Covered: every adapter update the site sent (and so the final adapter, by post-processing)"
+                + (", and the noisy label counts its class weights come from." if released else "."),
                 "- Not covered: metrics the site reports on private data (losses, validation and test metrics, "
                 "test-set predictions when shared); a patient with several images is protected only per image.",
                 f"- Accounting: Poisson sampling, noise multiplier {last['noise_multiplier']}, clipping norm "
                 f"{last['max_grad_norm']}, sample rate {last['sample_rate']:.5f}, "
-                f"{sum(h['steps'] for h in a.history)} steps in {len(a.rounds)} rounds, delta {a.delta:g}.",
+                f"{sum(h['steps'] for h in a.history if h.get('kind') != LABEL_COUNTS)} steps in {len(a.rounds)} "
+                f"rounds, delta {a.delta:g}."
+                + (f" Composed with one release of the train label counts (round {released['round']}): Gaussian "
+                   f"mechanism, noise multiplier {released['noise_multiplier']} on a sensitivity-1 histogram, "
+                   "no sampling." if released else ""),
                 f"- Rounds trained: {', '.join(map(str, a.rounds))}; last trained in round {a.rounds[-1]}, "
                 f"having spent epsilon {a.reported_epsilon:.3f} of its budget {a.budget_epsilon}.",
                 "",

@@ -55,6 +55,7 @@ def replay_with_canaries(
     ``guesses`` (fixed before scoring) is split evenly between "included" and "excluded"
     guesses; the default guesses on a fifth of the canaries.
     """
+    entries = [e for e in entries if e.get("kind") != "label-counts"]  # replay the DP-SGD rounds only
     raw = config.model_dump()
     raw["train"]["max_physical_batch_size"] = 10**9  # one physical batch per step: canaries once per step
     cfg = ExperimentConfig.model_validate(raw)

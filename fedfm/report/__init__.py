@@ -38,4 +38,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
     report = json.loads(paths["json"].read_text())  # render exactly what report.json holds (NaN -> null)
     paths["md"].write_text(to_markdown(report))
     paths["html"].write_text(to_html(report))
+    if len(run_dirs) == 1 and Path(out_dir).resolve() == Path(run_dirs[0]).resolve():
+        from fedfm.report.model_card import write_model_card
+
+        paths["card"] = write_model_card(run_dirs[0], out)  # the report's page links it
     return paths

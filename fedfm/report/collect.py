@@ -66,7 +66,70 @@ def collect_run(run_dir: Path) -> dict[str, Any]:
         "baselines": baselines(run_dir, results),
         "communication": _communication(config, results.get("communication", {})),
         "client_level": results.get("client_level"),
+        "calibration": calibration_block(results),
+        "recall_per_class": results.get("pooled", {}).get("recall_per_class"),
+        "tuning": tuning_block(run_dir),
+        "seeds": seeds_block(run_dir, config, results),
     }
+
+
+SEED_METRICS = ("auroc", "ece", "balanced_accuracy")
+
+
+def seeds_block(run_dir: Path, config: ExperimentConfig, results: dict[str, Any]) -> dict[str, Any] | None:
+    """The run and its repeats with other seeds (eval.seeds): each seed's pooled test metrics with
+    their bootstrap intervals, the worst site, and the mean and standard deviation across seeds."""
+    from fedfm.study import seed_dir
+
+    others = [s for s in config.eval.seeds if s != config.train.seed]
+    if not others:
+        return None
+    rows = [_seed_row(config.train.seed, results)]
+    rows += [_seed_row(s, read_results(seed_dir(run_dir, s))) for s in others if (seed_dir(run_dir, s) / "results.json").is_file()]
+    spread = {}
+    for key in (*SEED_METRICS, "worst_site_auroc"):
+        values = [r[key] for r in rows if _num(r.get(key))]
+        if values:
+            mean = sum(values) / len(values)
+            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+            spread[key] = {"mean": mean, "std": std, "n": len(values)}
+    return {"rows": rows, "spread": spread}
+
+
+def _seed_row(seed: int, results: dict[str, Any]) -> dict[str, Any]:
+    pooled = results.get("pooled", {})
+    worst = results.get("worst_site") or {}
+    return {"seed": seed, **{k: pooled.get(k) for k in SEED_METRICS},
+            "auroc_ci95": pooled.get("ci95", {}).get("auroc"), "worst_site_auroc": worst.get("auroc")}
+
+
+CALIBRATION_METRICS = ("ece", "loss", "balanced_accuracy", "sensitivity", "specificity", "accuracy")
+
+
+def calibration_block(results: dict[str, Any]) -> dict[str, Any] | None:
+    """Pooled test metrics before and after the temperature / threshold fitted on validation."""
+    fitted = results.get("calibration")
+    if not fitted:
+        return None
+    before, after = results.get("pooled", {}), results.get("pooled_calibrated", {})
+    sites = {name: {"before": site.get("test", {}), "after": site.get("test_calibrated", {})}
+             for name, site in results.get("sites", {}).items() if site.get("test_calibrated")}
+    return {
+        "temperature": fitted.get("temperature"),
+        "threshold": fitted.get("threshold"),
+        "pooled": {k: {"before": before.get(k), "after": after.get(k)} for k in CALIBRATION_METRICS if k in before},
+        "sites": sites,
+    }
+
+
+def tuning_block(run_dir: Path) -> dict[str, Any] | None:
+    """The search that chose this run's values (``fedfm tune``), from RUN/tuning.json and the ledgers."""
+    from fedfm.tune import read_tuning, tuning_privacy
+
+    tuning = read_tuning(run_dir)
+    if tuning is None:
+        return None
+    return {**tuning, "privacy": tuning_privacy(run_dir)}
 
 
 def _communication(config: ExperimentConfig, comm: dict[str, Any]) -> dict[str, Any]:
@@ -213,10 +276,14 @@ def baselines(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
             found[name] = read_results(folder)
     if len(found) == 1:
         return {}
+    from fedfm.tune import read_tuning
+
+    chosen = {m: v.get("chosen_values") for m, v in ((read_tuning(run_dir) or {}).get("methods") or {}).items()}
     out = {}
     for name, res in found.items():
         out[name] = {
             "label": BASELINE_LABELS[name],
+            "chosen": chosen.get(name),  # the values its own search chose on validation (fedfm tune)
             "pooled": _metrics_with_ci(res.get("pooled", {})),
             "auroc": {s: v.get("test", {}).get("auroc") for s, v in res["sites"].items()},
             "max_epsilon": max((v.get("epsilon") or 0.0 for v in res["sites"].values()), default=0.0),

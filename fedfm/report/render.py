@@ -9,7 +9,8 @@ from typing import Any
 
 from fedfm.report import figures
 from fedfm.report.tables import (
-    Table, baselines_table, key_findings, loso_table, personal_table, runs_table, shift_table, site_table,
+    Table, baselines_table, calibration_table, per_class_table, key_findings, loso_table, personal_table, runs_table, shift_table,
+    seeds_table, site_table, tuning_table,
 )
 
 CSS = """
@@ -53,8 +54,14 @@ def run_html(run: dict[str, Any]) -> str:
     findings = "".join(f"<li>{html.escape(s)}</li>" for s in key_findings(run))
     parts.append(f'<div class="findings"><strong>Key findings</strong><ul>{findings}</ul></div>')
     parts.append("<h3>Setup</h3>" + _summary_html(run["summary"]))
+    parts.append('<p class="note">Model card: MODEL_CARD.md in the run folder (also written beside every '
+                 "model fedfm export writes).</p>")
     parts.append(_table_html(site_table(run)))
     parts.append(_table_html(personal_table(run)))
+    parts.append(_table_html(per_class_table(run)))
+    parts.append(_table_html(calibration_table(run)))
+    parts.append(_table_html(tuning_table(run)))
+    parts.append(_table_html(seeds_table(run)))
     if run["reliability"]:
         parts.append("<h3>Calibration</h3><p class=\"note\">Accuracy against the model's confidence in 15 bins; points on "
                      "the dashed diagonal are perfectly calibrated, below it over-confident. Marker size: images in the bin.</p>")
@@ -109,7 +116,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     for run in report["runs"]:
         out += [f"## Run {run['name']}", "", *[f"- {s}" for s in key_findings(run)], ""]
         out += [f"- **{k.replace('_', ' ')}**: {_plain(v)}" for k, v in run["summary"].items() if v not in (None, [], "")]
-        for table in (site_table(run), personal_table(run), loso_table(run), baselines_table(run), shift_table(run)):
+        for table in (site_table(run), personal_table(run), per_class_table(run), calibration_table(run), tuning_table(run), seeds_table(run), loso_table(run),
+                      baselines_table(run), shift_table(run)):
             out += ["", _table_md(table)]
     return "\n".join(x for x in out if x is not None) + "\n"
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fedfm.report.collect import BASELINE_LABELS
+
 METRIC_LABELS = {
     "auroc": "AUROC", "accuracy": "accuracy", "balanced_accuracy": "balanced acc.",
     "sensitivity": "sensitivity", "specificity": "specificity", "ece": "ECE",
@@ -86,13 +88,19 @@ def baselines_table(run: dict[str, Any]) -> Table | None:
         return None
     sites = sorted({s for v in b.values() for s in v["auroc"]}, key=lambda s: int(s.rsplit("-", 1)[-1]))
     rows = []
+    tuned = any(v.get("chosen") for v in b.values())
     for v in b.values():
         worst = v["worst_site"] or {}
-        rows.append([v["label"], *(num(v["auroc"].get(s)) for s in sites), with_ci(v["pooled"].get("auroc")),
+        chosen = [", ".join(f"{k}={x}" for k, x in (v.get("chosen") or {}).items()) or "-"] if tuned else []
+        rows.append([v["label"], *chosen, *(num(v["auroc"].get(s)) for s in sites), with_ci(v["pooled"].get("auroc")),
                      f"{num(worst.get('auroc'))} ({worst.get('site', '-')})", num(v["max_epsilon"], 3)])
-    return Table("Federated model against baselines: test AUROC", ["model", *sites, "pooled", "worst site", "max epsilon"], rows,
-                 "Same data, model and rounds. Local only: each site trains alone with DP-SGD at its own budget and "
-                 "is tested on its own test split. Centralized: all training images pooled in one place.")
+    note = ("Same data, model and rounds. Local only: each site trains alone with DP-SGD at its own budget and "
+            "is tested on its own test split. Centralized: all training images pooled in one place.")
+    if tuned:
+        note += " Each method's values were chosen by its own search on validation over the same candidates."
+    return Table("Federated model against baselines: test AUROC",
+                 ["model", *(["chosen on validation"] if tuned else []), *sites, "pooled", "worst site", "max epsilon"],
+                 rows, note)
 
 
 def runs_table(report: dict[str, Any]) -> Table | None:
@@ -180,3 +188,74 @@ def key_findings(run: dict[str, Any]) -> list[str]:
                    if all((r["epsilon"] or 0) <= r["budget"] for r in trained) else
                    "Privacy: a site exceeded its budget - see the per-site table.")
     return out
+
+
+def calibration_table(run: dict[str, Any]) -> Table | None:
+    cal = run.get("calibration")
+    if not cal:
+        return None
+    labels = {"loss": "test loss (NLL)", **METRIC_LABELS}
+    rows = [[labels.get(k, k), num(v["before"]), num(v["after"])] for k, v in cal["pooled"].items()]
+    for name, site in cal["sites"].items():
+        rows.append([f"{name} balanced acc.", num(site["before"].get("balanced_accuracy")),
+                     num(site["after"].get("balanced_accuracy"))])
+    threshold = "" if cal["threshold"] is None else f" and a decision threshold of {num(cal['threshold'], 3)} on p(class 1)"
+    return Table("Calibration fitted on validation: pooled test metrics before and after", ["metric", "before", "after"], rows,
+                 f"A temperature of {num(cal['temperature'], 3)}{threshold}, fitted on the sum of the sites' validation "
+                 "statistics (NLL per temperature, confusion counts per threshold; no images or predictions moved). "
+                 "Those statistics carry no DP noise. AUROC does not change: both steps keep the ranking.")
+
+
+def tuning_table(run: dict[str, Any]) -> Table | None:
+    tuning = run.get("tuning")
+    if not tuning:
+        return None
+    keys = list(tuning["grid"])
+    methods = tuning.get("methods") or {"federated": {"trials": tuning["trials"], "chosen": tuning.get("chosen")}}
+    rows = []
+    for method, search in methods.items():
+        for t in search["trials"]:
+            mark = " (chosen)" if t["number"] == search.get("chosen") else ""
+            rows.append([BASELINE_LABELS.get(method, method), f"{t['number'] + 1}{mark}", *(str(t["values"].get(k)) for k in keys),
+                         num(t["val_auroc"]), num(t["val_metrics"].get("ece")), f"{t['wall_s']:.0f}"])
+    privacy = tuning.get("privacy") or {}
+    spent = "; ".join(f"{site}: {p['runs']} runs, epsilon {num(p['epsilon_total'], 3)}"
+                      + (f" (random-count bound {num(p['ps_epsilon'], 3)})" if p.get("ps_epsilon") is not None else "")
+                      for site, p in privacy.items())
+    return Table("Hyperparameter search (validation only)",
+                 ["method", "trial", *keys, "validation AUROC", "validation ECE", "wall s"], rows,
+                 f"{tuning['selection']}; each method chose among the same candidates on its own. Every federated trial "
+                 f"trained on the same private data: the sites' ledgers compose all of them with the final run "
+                 f"(privacy.runs_in_budget = {tuning['runs_in_budget']}). Spent per site: {spent}.")
+
+
+def seeds_table(run: dict[str, Any]) -> Table | None:
+    seeds = run.get("seeds")
+    if not seeds:
+        return None
+    rows = []
+    for r in seeds["rows"]:
+        ci = r.get("auroc_ci95")
+        auroc = f"{num(r['auroc'])} ({num(ci[0])}-{num(ci[1])})" if ci else num(r["auroc"])
+        rows.append([str(r["seed"]), auroc, num(r["worst_site_auroc"]), num(r["ece"]), num(r["balanced_accuracy"])])
+    spread = seeds["spread"]
+
+    def cell(key: str) -> str:
+        s = spread.get(key)
+        return f"{num(s['mean'])} +/- {num(s['std'])}" if s else "-"
+
+    rows.append(["mean +/- std", cell("auroc"), cell("worst_site_auroc"), cell("ece"), cell("balanced_accuracy")])
+    return Table("Seeds: the same configuration with other seeds of sampling, noise and dropout",
+                 ["train.seed", "pooled test AUROC (95 % CI)", "worst site", "ECE", "balanced acc."], rows,
+                 "Standard deviation across seeds (n - 1); the intervals are each seed's bootstrap over test images. "
+                 "Each seed is a separate replication with its own ledger at the stated epsilon: releasing several "
+                 "of them would compose their epsilons.")
+
+
+def per_class_table(run: dict[str, Any]) -> Table | None:
+    recalls = run.get("recall_per_class")
+    if not recalls:
+        return None
+    return Table("Per-class sensitivity (pooled test)", ["class", "sensitivity (recall)"],
+                 [[str(c), num(r)] for c, r in enumerate(recalls)],
+                 "Balanced accuracy is their mean; a class near 0 is one the model does not predict.")

@@ -4,13 +4,15 @@ With privacy on, Opacus' ``PrivacyEngine.make_private`` wraps the model, optimiz
 Poisson-sampled data loader; the engine is handed the site's persistent accountant, so the
 round's steps compose onto the site's whole history instead of starting a new one. Per-sample
 gradients come from :mod:`fedfm.training.per_sample` (or Opacus' hooks: ``privacy.grad_sampler``).
+With class weights (:mod:`fedfm.training.class_balance`) DP-SGD scales each example's clipped
+gradient by its class's weight; training without DP weights the cross-entropy instead.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,6 +29,7 @@ from fedfm.data.types import Split
 from fedfm.models.lora import train_mode
 from fedfm.privacy.accountant import SiteAccountant
 from fedfm.training.activation_cache import FeatureSplit
+from fedfm.training.class_balance import PostClipWeights
 from fedfm.training.per_sample import per_sample_linear_layers, unsupported_layer, use_fast_clipping
 
 
@@ -92,23 +95,29 @@ def train_round(
     noise_multiplier: float,
     seed: int,
     on_private_optimizer: Callable[[DPOptimizer, float], None] | None = None,
+    class_weights: Sequence[float] | None = None,
 ) -> RoundOutcome:
     """Train ``model``'s trainable parameters in place for one round of local steps.
 
     ``on_private_optimizer(optimizer, sample_rate)`` is called once the DP optimizer exists
-    (the empirical audit uses it to plant gradient canaries).
+    (the empirical audit uses it to plant gradient canaries). ``class_weights`` (one per class,
+    in (0, 1]) weight each example by its label: after clipping under DP-SGD, in the loss without.
     """
     plan = plan_steps(len(split), train_cfg.batch_size, train_cfg.local_epochs)
     torch.manual_seed(seed)  # drives Poisson sampling, DP noise and dropout of this round
     loader = DataLoader(split_dataset(split), batch_size=train_cfg.batch_size, shuffle=True)
     optimizer = make_optimizer(model, train_cfg)
     if accountant is None:
-        losses = _run_steps(model, optimizer, loader, plan.steps, lambda: None)
+        weight = None if class_weights is None else torch.tensor([float(w) for w in class_weights])
+        losses = _run_steps(model, optimizer, loader, plan.steps, lambda: None, nn.CrossEntropyLoss(weight=weight))
         return RoundOutcome(plan.steps, float(np.mean(losses)), 0.0, plan.sample_rate)
 
+    weighting = None if class_weights is None else PostClipWeights(class_weights)
     with private_training(model, optimizer, loader, privacy_cfg, accountant, noise_multiplier) as (
         private_model, private_opt, private_loader,
     ):
+        if weighting is not None:
+            weighting.install(private_opt)
         if on_private_optimizer is not None:
             on_private_optimizer(private_opt, private_loader.sample_rate)
         start = accountant.total_steps
@@ -120,6 +129,7 @@ def train_round(
             losses = _run_steps(
                 private_model, private_opt, physical_loader, plan.steps,
                 lambda: accountant.total_steps - start,
+                before_step=None if weighting is None else weighting.select,
             )
     taken = accountant.total_steps - start
     return RoundOutcome(taken, float(np.mean(losses)) if losses else float("nan"),
@@ -166,13 +176,16 @@ def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader:
         private_model._close()  # remove Opacus' hooks (if any) and per-sample state from the discarded wrapper
 
 
-def _run_steps(model, optimizer, loader, steps: int, dp_steps_taken) -> list[float]:
+def _run_steps(model, optimizer, loader, steps: int, dp_steps_taken, loss_fn: nn.Module | None = None,
+               before_step: Callable[[torch.Tensor], None] | None = None) -> list[float]:
     """Loop over ``loader`` until ``steps`` optimizer steps were taken.
 
     ``dp_steps_taken`` returns the accountant's count under DP (physical batches of one logical
-    batch do not step), or None without DP, where every batch is one step.
+    batch do not step), or None without DP, where every batch is one step. ``loss_fn`` is the
+    (unweighted, by default) cross-entropy; ``before_step(labels)`` runs before each
+    ``optimizer.step()`` (the post-clipping class weights take the batch's labels there).
     """
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
     train_mode(model)
     # The frozen input layer needs no gradient, which makes torch note that Opacus' hooks fire
     # on module outputs; that is what they are meant to do here.
@@ -186,6 +199,8 @@ def _run_steps(model, optimizer, loader, steps: int, dp_steps_taken) -> list[flo
             loss.backward()  # an empty Poisson batch still steps: Opacus adds the noise
             if len(labels) > 0:
                 losses.append(float(loss.detach()))
+            if before_step is not None:
+                before_step(labels)
             optimizer.step()
             counted = dp_steps_taken()
             taken = taken + 1 if counted is None else counted

@@ -14,7 +14,7 @@ gradient. Opacus still does Poisson sampling, noise and accounting
 
 :func:`clip_and_accumulate` clips with the same arithmetic as ``DPOptimizer`` (per-sample norm
 over all parameters, factor ``min(1, C / (norm + 1e-6))``), with one matrix-vector product per
-parameter for the clipped sum.
+parameter for the clipped sum, optionally scaling each clipped gradient by a per-sample weight.
 """
 
 from __future__ import annotations
@@ -141,12 +141,20 @@ def per_sample_linear_layers(model: nn.Module, loss_reduction: str = "mean") -> 
             del module.forward  # the class's forward again
 
 
-def clip_and_accumulate(optimizer: DPOptimizer) -> None:
+def clip_and_accumulate(optimizer: DPOptimizer, sample_weights: torch.Tensor | None = None) -> None:
     """``DPOptimizer.clip_and_accumulate``, same arithmetic, with one norm and one matrix-vector
-    product per parameter (Opacus' einsum over the per-sample gradients was slower here)."""
+    product per parameter (Opacus' einsum over the per-sample gradients was slower here).
+
+    ``sample_weights`` (n,), when given, scale each example's gradient after clipping: the sum
+    is ``sum_i w_i * clip(g_i)``, so with weights in [0, 1] each term stays within the clipping
+    norm (:mod:`fedfm.training.class_balance`)."""
     samples = [g.flatten(1) for g in optimizer.grad_samples]  # (n, numel) per parameter, in params order
     norms = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in samples], dim=1).norm(2, dim=1)
     factors = (optimizer.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    if sample_weights is not None:
+        if sample_weights.shape != factors.shape:
+            raise ValueError(f"{tuple(sample_weights.shape)} sample weights for {len(factors)} per-sample gradients")
+        factors = factors * sample_weights.to(device=factors.device, dtype=factors.dtype)
     for p, grad_sample in zip(optimizer.params, samples):
         _check_processed_flag(p.grad_sample)
         grad = (factors.to(grad_sample.dtype) @ grad_sample).view_as(p).to(p.dtype)

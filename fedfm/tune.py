@@ -1,0 +1,324 @@
+"""``fedfm tune``: hyperparameters chosen on validation only, the chosen ones tested once.
+
+Layout of a search folder (it is also the final run's folder)::
+
+    RUN/trials/trial-NNN/   one candidate: a complete run with eval.test=false (no site reads test)
+    RUN/ledger/             every trial's and the final run's privacy entries, one ledger per site
+    RUN/tuning.json         the trial table: each candidate's values, validation metrics, wall time
+    RUN/results.json ...    the chosen candidate run once more, now with the test split (same seeds)
+
+Every run of the search trains on the same private data, so the sites keep one ledger for all of
+them: a site's budget covers the whole search (it refuses a round that would exceed it), and each
+run's noise is calibrated for ``privacy.runs_in_budget`` = trials + 1 runs of its shape. The
+selector sees validation metrics only (:class:`Trial` holds nothing else).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedfm.config import ConfigError, ExperimentConfig, apply_overrides, parse_override, validate_config
+from fedfm.privacy.tuning import composed_epsilon
+
+TUNING_FILE = "tuning.json"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    number: int
+    values: dict[str, Any]  # config key -> value
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"{k}={json.dumps(v)}" for k, v in self.values.items()]  # JSON is YAML: typed as --set reads it
+
+
+@dataclass(frozen=True)
+class Trial:
+    """What the selector sees of one finished candidate: validation metrics, never test."""
+
+    number: int
+    values: dict[str, Any]
+    val_auroc: float | None
+    val_auroc_kind: str  # pooled (sites shared predictions) | site-weighted
+    val_metrics: dict[str, Any]
+    wall_s: float
+    status: str
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """``--grid train.lr=0.01,0.03`` items -> {key: [values]}, each value YAML-typed like --set."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--grid '{item}' is not of the form section.key=v1,v2 (e.g. --grid train.lr=0.01,0.03)")
+        key, raw = item.split("=", 1)
+        if key in grid:
+            raise ConfigError(f"--grid names {key} twice: give all its values in one item, e.g. {key}=v1,v2")
+        values = [parse_override(f"{key}={v.strip()}")[1] for v in raw.split(",") if v.strip()]
+        if not values:
+            raise ConfigError(f"--grid {key}: no values (e.g. --grid {key}=v1,v2)")
+        grid[key] = values
+    if not grid:
+        raise ConfigError("fedfm tune needs at least one --grid section.key=v1,v2")
+    return grid
+
+
+def candidates(grid: dict[str, list[Any]]) -> list[Candidate]:
+    keys = list(grid)
+    return [Candidate(i, dict(zip(keys, combo))) for i, combo in enumerate(itertools.product(*(grid[k] for k in keys)))]
+
+
+def random_candidates(grid: dict[str, list[Any]], mean_trials: float, seed: int) -> list[Candidate]:
+    """A random search for the bound of Papernot & Steinke: K ~ geometric with E[K] = mean_trials
+    (their truncated negative binomial with eta = 1), each trial a candidate of the grid drawn
+    uniformly and independently, with its own train.seed so that trials are independent runs."""
+    import numpy as np
+
+    if mean_trials <= 1:
+        raise ConfigError(f"--random-trials {mean_trials}: the mean number of trials must be > 1")
+    rng = np.random.default_rng(seed)
+    grid_points = candidates(grid)
+    k = int(rng.geometric(1.0 / mean_trials))
+    picks = rng.integers(0, len(grid_points), k)
+    return [Candidate(i, {**grid_points[int(j)].values, "train.seed": int(seed) * 1000 + i}) for i, j in enumerate(picks)]
+
+
+def trial_config(config: ExperimentConfig, candidate: Candidate, runs: int) -> ExperimentConfig:
+    """A candidate's run: its values, validation only, no study parts, noise for ``runs`` runs."""
+    raw = apply_overrides(config.model_dump(mode="json"), candidate.overrides)
+    raw["eval"].update({"test": False, "report": False, "baselines": [], "leave_one_site_out": False, "seeds": []})
+    raw["output"]["dir"] = None
+    raw["privacy"]["runs_in_budget"] = runs
+    return validate_config(raw)
+
+
+def final_config(config: ExperimentConfig, candidate: Candidate, runs: int) -> ExperimentConfig:
+    """The chosen candidate, run once more with the test split and the study the config asks for."""
+    raw = apply_overrides(config.model_dump(mode="json"), candidate.overrides)
+    raw["eval"]["test"] = True
+    raw["output"]["dir"] = None
+    raw["privacy"]["runs_in_budget"] = runs
+    return validate_config(raw)
+
+
+def check_candidates(config: ExperimentConfig, found: list[Candidate]) -> None:
+    """Every candidate must be a valid config: checked before anything runs."""
+    for candidate in found:
+        try:
+            trial_config(config, candidate, len(found) + 1)
+        except ConfigError as err:
+            raise ConfigError(f"--grid candidate {candidate.values}: {err}") from None
+
+
+def read_trial(run_dir: Path, candidate: Candidate) -> Trial:
+    """The candidate's validation results (results.json 'validation' and its rounds); test is never read."""
+    results = json.loads((run_dir / "results.json").read_text())
+    validation = results.get("validation") or {}
+    return Trial(
+        number=candidate.number,
+        values=candidate.values,
+        val_auroc=validation.get("auroc"),
+        val_auroc_kind=validation.get("auroc_kind", "site-weighted"),
+        val_metrics=validation.get("pooled") or {},
+        wall_s=float(results.get("wall_time_s", 0.0)),
+        status=results.get("status", "unknown"),
+    )
+
+
+def select(trials: list[Trial]) -> Trial:
+    """The trial with the highest validation AUROC (the first of ties); trials without one lose."""
+    scored = [t for t in trials if t.val_auroc is not None and t.status == "complete"]
+    if not scored:
+        raise RuntimeError("no trial finished with a validation AUROC: nothing to choose from")
+    return max(scored, key=lambda t: (t.val_auroc, -t.number))
+
+
+def trial_dir(out: Path, number: int) -> Path:
+    return out / "trials" / f"trial-{number:03d}"
+
+
+def _complete(run_dir: Path) -> bool:
+    path = run_dir / "results.json"
+    return path.is_file() and json.loads(path.read_text()).get("status") == "complete"
+
+
+METHODS = ("federated", "federated_nodp", "local", "centralized", "centralized_nodp")
+
+
+def method_trial_dir(out: Path, method: str, number: int) -> Path:
+    return trial_dir(out, number) if method == "federated" else out / "trials" / method / f"trial-{number:03d}"
+
+
+def run_trial(config: ExperimentConfig, method: str, folder: Path, ledger: Path, verbose: bool, resume: bool) -> Path:
+    """One candidate of one method, validation only; returns the folder holding its results.json.
+
+    The federated trials share the sites' ledgers (``ledger``); a baseline's trials keep their own,
+    each calibrated for the search's runs_in_budget."""
+    from fedfm.simulate import run_simulation
+    from fedfm.study import baseline_config, run_in_process_baselines
+
+    if method in ("federated", "federated_nodp"):
+        if _complete(folder):
+            return folder
+        again = resume and (folder / "checkpoint" / "state.json").is_file()
+        if folder.exists() and not again:
+            shutil.rmtree(folder)  # started, never checkpointed: its spent rounds stay in the ledger
+        part = config if method == "federated" else baseline_config(config, "federated_nodp")
+        run_simulation(part, str(folder), verbose=verbose, resume=again, ledger_dir=ledger if method == "federated" else None)
+        return folder
+    run_in_process_baselines(config, [method], folder)
+    return folder / method
+
+
+def run_tuning(config: ExperimentConfig, grid: dict[str, list[Any]], out: str | Path, verbose: bool = False,
+               resume: bool = False, random_trials: float | None = None, seed: int = 0) -> Path:
+    """Run every candidate on validation (or, with ``random_trials``, a random number of random
+    candidates) for the federated model and for every baseline of the study (each method its own
+    selection over the same candidates), choose per method, then run the study once with the test
+    split: the federated model with its values, each baseline with its own. Returns RUN."""
+    from fedfm.study import run_study
+
+    out = Path(out).expanduser().resolve()
+    found = candidates(grid) if random_trials is None else random_candidates(grid, random_trials, seed)
+    if random_trials is not None:
+        print(f"[fedfm] tune: random search, K ~ geometric with mean {random_trials} (seed {seed}): drew K = "
+              f"{len(found)} trials", flush=True)
+    check_candidates(config, found)
+    if (out / TUNING_FILE).exists() and not resume:
+        raise ConfigError(f"--out {out} already holds a search: pass a new --out, or --resume to continue it")
+    methods = ["federated", *config.eval.baselines]
+    runs = len(found) + 1  # every candidate, then the chosen one again with the test split
+    out.mkdir(parents=True, exist_ok=True)
+    state = SearchState(grid, runs, random_trials, seed, {m: [] for m in methods}, {})
+    for method in methods:
+        for candidate in found:
+            print(f"[fedfm] tune: {method} trial {candidate.number + 1}/{len(found)} {candidate.values} "
+                  "(validation only)", flush=True)
+            started = time.time()
+            folder = run_trial(trial_config(config, candidate, runs), method,
+                               method_trial_dir(out, method, candidate.number), out / "ledger", verbose, resume)
+            trial = read_trial(folder, candidate)
+            state.trials[method].append(trial)
+            write_tuning(out, state)
+            print(f"[fedfm] tune: {method} trial {candidate.number + 1} validation AUROC {trial.val_auroc} "
+                  f"({trial.val_auroc_kind}), {time.time() - started:.0f} s", flush=True)
+        state.chosen[method] = select(state.trials[method])
+        write_tuning(out, state)
+        chosen = state.chosen[method]
+        print(f"[fedfm] tune: {method} chose trial {chosen.number + 1} {chosen.values} "
+              f"(validation AUROC {chosen.val_auroc:.4f})", flush=True)
+    final = final_config(config, found[state.chosen["federated"].number], runs)
+    final.eval.baseline_overrides = {m: found[state.chosen[m].number].overrides for m in methods if m != "federated"}
+    if _complete(out) and not (final.eval.baselines or final.eval.seeds):
+        return out
+    print("[fedfm] tune: the chosen values, once, with the test split", flush=True)
+    return run_study(final, str(out), verbose, resume=resume and (out / "checkpoint" / "state.json").is_file())
+
+
+@dataclass
+class SearchState:
+    grid: dict[str, list[Any]]
+    runs: int
+    random_trials: float | None
+    seed: int
+    trials: dict[str, list[Trial]]  # per method
+    chosen: dict[str, Trial]
+
+
+def write_tuning(out: Path, state: SearchState) -> Path:
+    path = out / TUNING_FILE
+    fed = state.chosen.get("federated")
+    payload = {
+        "selection": "highest validation AUROC of the final adapter (pooled when sites share predictions); "
+                     "test evaluated once, for the chosen candidate",
+        "grid": state.grid,
+        "search": "grid" if state.random_trials is None else "random",
+        "random_trials_mean": state.random_trials,
+        "seed": state.seed,
+        "candidates": len(list(itertools.product(*state.grid.values()))),
+        "runs_in_budget": state.runs,
+        "trials": [asdict(t) for t in state.trials.get("federated", [])],
+        "chosen": None if fed is None else fed.number,
+        "chosen_values": None if fed is None else fed.values,
+        "methods": {m: {"trials": [asdict(t) for t in ts],
+                        "chosen": state.chosen[m].number if m in state.chosen else None,
+                        "chosen_values": state.chosen[m].values if m in state.chosen else None}
+                    for m, ts in state.trials.items()},
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    tmp.replace(path)
+    return path
+
+
+def read_tuning(run_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / TUNING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def tuning_privacy(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Per site: runs of the search it trained in and the epsilon of all of them composed (the
+    site's ledger holds every trial's entries and the final run's)."""
+    from fedfm.privacy.audit import find_ledgers
+
+    run_dir = Path(run_dir)
+    tuning = read_tuning(run_dir) or {}
+    runs = len(tuning.get("trials", [])) + int((run_dir / "results.json").is_file())
+    out: dict[str, dict[str, Any]] = {}
+    for ledger in find_ledgers(run_dir):
+        entries = ledger.entries()
+        if not entries:
+            continue
+        delta = float(entries[-1]["delta"])
+        out[ledger.site] = {
+            "runs": runs, "entries": len(entries),
+            "epsilon_total": composed_epsilon([entries], delta, str(entries[-1].get("accountant", "prv"))),
+            "delta": delta,
+            "ps_epsilon": random_search_epsilon(run_dir, tuning, ledger.site, delta),
+        }
+    return out
+
+
+def _run_rdp(run_dir: Path, site: str, lams) -> Any:
+    """RDP curve of one site's DP-SGD in one run, from the run's per-round train metrics."""
+    import numpy as np
+
+    from fedfm.privacy.tuning import trial_rdp
+
+    curve = np.zeros(len(lams))
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return curve
+    for entry in json.loads(path.read_text()).get("rounds", []):
+        m = entry.get("train", {}).get(site)
+        if m and m.get("noise-multiplier"):
+            curve += trial_rdp(float(m["noise-multiplier"]), float(m["sample-rate"]), int(m["steps"]), lams)
+    return curve
+
+
+def random_search_epsilon(run_dir: Path, tuning: dict[str, Any], site: str, delta: float) -> float | None:
+    """Papernot & Steinke's bound for the chosen model of a random search (K geometric): the largest
+    trial RDP curve over the trials (a trial's candidate is drawn at random), then the final run.
+    It holds for whoever sees only the chosen model; the coordinator saw every trial's updates,
+    for which composition (epsilon_total) is the guarantee. None for a grid search."""
+    import numpy as np
+
+    from fedfm.privacy.tuning import ORDERS, ps_epsilon_of_curve
+
+    if tuning.get("search") != "random" or not tuning.get("trials"):
+        return None
+    lams = np.sort(np.asarray(ORDERS, dtype=float))
+    curves = [_run_rdp(trial_dir(run_dir, t["number"]), site, lams) for t in tuning["trials"]]
+    worst = np.max(curves, axis=0)
+    if not worst.any():
+        return None
+    mean = float(tuning["random_trials_mean"])
+    bound = ps_epsilon_of_curve(worst, lams, delta, "tnb", eta=1.0, gamma=1.0 / mean, then=_run_rdp(run_dir, site, lams))
+    return bound.epsilon

@@ -1,0 +1,116 @@
+"""fedfm tune: candidates, validation-only trials, and a selector that never sees a test metric."""
+
+import dataclasses
+import json
+
+import pytest
+
+from fedfm.config import ConfigError, load_config
+from fedfm.tune import Candidate, Trial, candidates, final_config, parse_grid, read_trial, select, trial_config
+
+
+def test_grid_is_every_combination_typed_like_set():
+    grid = parse_grid(["train.lr=0.01,0.03", "lora.variant=lora,head"])
+    assert grid == {"train.lr": [0.01, 0.03], "lora.variant": ["lora", "head"]}
+    found = candidates(grid)
+    assert [c.values for c in found] == [
+        {"train.lr": 0.01, "lora.variant": "lora"}, {"train.lr": 0.01, "lora.variant": "head"},
+        {"train.lr": 0.03, "lora.variant": "lora"}, {"train.lr": 0.03, "lora.variant": "head"},
+    ]
+
+
+@pytest.mark.parametrize("items, message", [
+    (["train.lr"], "section.key=v1,v2"),
+    (["train.lr=0.1", "train.lr=0.2"], "twice"),
+    (["train.lr="], "no values"),
+    ([], "at least one --grid"),
+])
+def test_bad_grids_fail_in_one_line(items, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_grid(items)
+
+
+def test_trials_never_evaluate_test_and_budget_covers_every_run():
+    config = load_config(None, ["eval.baselines=[centralized]", "eval.leave_one_site_out=true"])
+    trial = trial_config(config, Candidate(0, {"train.lr": 0.05}), runs=5)
+    assert trial.eval.test is False and trial.eval.baselines == [] and not trial.eval.leave_one_site_out
+    assert trial.train.lr == 0.05 and trial.privacy.runs_in_budget == 5
+    final = final_config(config, Candidate(0, {"train.lr": 0.05}), runs=5)
+    assert final.eval.test is True and final.eval.baselines == ["centralized"] and final.privacy.runs_in_budget == 5
+
+
+def test_a_bad_candidate_is_named_before_anything_runs():
+    from fedfm.tune import check_candidates
+
+    config = load_config(None)
+    with pytest.raises(ConfigError, match="candidate .*train.lrr"):
+        check_candidates(config, candidates(parse_grid(["train.lrr=0.1,0.2"])))
+
+
+def _write_run(folder, val_auroc, test_auroc):
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "status": "complete", "wall_time_s": 12.5,
+        "validation": {"auroc": val_auroc, "auroc_kind": "pooled", "pooled": {"auroc": val_auroc, "ece": 0.1}},
+        "pooled": {"auroc": test_auroc}, "sites": {"site-0": {"test": {"auroc": test_auroc}}},
+    }))
+
+
+def test_selector_sees_validation_only(tmp_path):
+    # trial 0 is better on validation, trial 1 on test: validation must win, and test must not be visible
+    _write_run(tmp_path / "a", val_auroc=0.90, test_auroc=0.60)
+    _write_run(tmp_path / "b", val_auroc=0.80, test_auroc=0.99)
+    trials = [read_trial(tmp_path / "a", Candidate(0, {"train.lr": 0.1})),
+              read_trial(tmp_path / "b", Candidate(1, {"train.lr": 0.3}))]
+    seen = json.dumps([dataclasses.asdict(t) for t in trials])
+    assert "0.6" not in seen and "0.99" not in seen  # no test number reaches the selector
+    assert {f.name for f in dataclasses.fields(Trial)} == {
+        "number", "values", "val_auroc", "val_auroc_kind", "val_metrics", "wall_s", "status"}
+    assert select(trials).number == 0
+
+
+def test_selector_breaks_ties_by_order_and_skips_unfinished():
+    def trial(number, auroc, status="complete"):
+        return Trial(number, {}, auroc, "pooled", {}, 1.0, status)
+
+    assert select([trial(0, 0.8), trial(1, 0.8), trial(2, 0.95, "running")]).number == 0
+    with pytest.raises(RuntimeError, match="no trial"):
+        select([trial(0, None)])
+
+
+def test_random_search_draws_a_geometric_number_of_grid_points():
+    from fedfm.tune import random_candidates
+
+    grid = parse_grid(["train.lr=0.01,0.03,0.1"])
+    counts = [len(random_candidates(grid, 4.0, seed)) for seed in range(400)]
+    assert min(counts) >= 1 and abs(sum(counts) / len(counts) - 4.0) < 0.5  # E[K] = 4
+    drawn = random_candidates(grid, 4.0, 7)
+    assert drawn == random_candidates(grid, 4.0, 7)  # the seed replays the search
+    assert all(c.values["train.lr"] in (0.01, 0.03, 0.1) for c in drawn)
+    assert len({c.values["train.seed"] for c in drawn}) == len(drawn)  # independent trials
+    with pytest.raises(ConfigError, match="must be > 1"):
+        random_candidates(grid, 1.0, 0)
+
+
+def test_random_search_bound_matches_the_theorem_for_identical_trials(tmp_path):
+    from fedfm.privacy.ledger import SiteLedger
+    from fedfm.privacy.tuning import ps_epsilon
+    from fedfm.tune import tuning_privacy
+
+    sigma, q, steps, rounds = 1.1, 0.05, 40, 3
+    trials = []
+    for number in range(3):
+        folder = tmp_path / "trials" / f"trial-{number:03d}"
+        folder.mkdir(parents=True)
+        train = {"site-0": {"noise-multiplier": sigma, "sample-rate": q, "steps": steps}}
+        (folder / "results.json").write_text(json.dumps({"rounds": [{"train": train}] * rounds}))
+        trials.append({"number": number})
+    (tmp_path / "tuning.json").write_text(json.dumps({"search": "random", "random_trials_mean": 5.0, "trials": trials}))
+    ledger = SiteLedger(tmp_path / "ledger", "site-0")
+    for _ in range(3 * rounds):
+        ledger.append({"round": 1, "steps": steps, "noise_multiplier": sigma, "sample_rate": q, "delta": 1e-5,
+                       "accountant": "rdp", "epsilon": 0.0})
+    spent = tuning_privacy(tmp_path)["site-0"]
+    expected = ps_epsilon(sigma, q, steps * rounds, 1e-5, "tnb", eta=1.0, gamma=0.2)
+    assert spent["ps_epsilon"] == pytest.approx(expected.epsilon, rel=1e-9)
+    assert spent["ps_epsilon"] < spent["epsilon_total"]  # the bound is sharper than composing 3 trials
