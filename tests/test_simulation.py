@@ -240,7 +240,7 @@ def test_a_3d_federation_of_ct_volumes_runs_end_to_end(tmp_path):
         site = results["sites"][name]
         assert site["n_test"] > 0 and 0 <= site["test"]["auroc"] <= 1
         assert 0 < site["epsilon"] <= 8.0
-        assert [e["round"] for e in SiteLedger(out / "ledger", name).verify()] == [1, 2]
+        assert [e["round"] for e in SiteLedger(out / "ledger", name).verify() if e.get("kind") != "label-counts"] == [1, 2]
         # the frozen prefix was computed once per split and kept in the site's own folder
         cached = sorted(p.name.split("-")[0] for p in (out / "ledger" / "activation-cache" / name).glob("*.npy"))
         assert cached == ["test", "train", "val"]
