@@ -4,10 +4,13 @@ For each site the recorded history is recomputed with Opacus (RDP and PRV) and w
 ``dp-accounting`` (RDP and PLD), a second library that shares no accounting code with Opacus.
 The checks and tolerances follow shared practice for DP-SGD accounting:
 
-* dp-accounting RDP and Opacus RDP agree within a relative gap of 2e-3;
+* Opacus and dp-accounting RDP agree to a relative 1e-6 at the integer orders 2-63 but 11 (both
+  libraries' default grids hold them). At fractional orders the two compute RDP differently (on a
+  5-round quickstart history 9.1912 vs 9.2118) and dp-accounting drops orders 1.1-1.5 it cannot
+  converge for; both are valid upper bounds, so the fractional values are shown, never compared;
 * 0 <= eps(Opacus PRV) - eps(dp-accounting PLD) <= 0.011;
 * every reported epsilon equals the recomputation with the accountant the ledger names;
-* the reported epsilon is not below the independent PLD value;
+* the reported epsilon lies between the independent PLD value and the integer-order RDP bound;
 * no entry exceeds the site's budget.
 
 A site's ledger may also hold one release of its noisy label counts (``kind: label-counts``,
@@ -33,7 +36,10 @@ from fedfm.privacy.ledger import LedgerError, SiteLedger, batch_of
 
 LABEL_COUNTS = "label-counts"  # ledger entries of a site's noisy label-count release
 KINDS = (None, LABEL_COUNTS)  # an entry without a kind is a round of DP-SGD steps (or a client-level round)
-RDP_RELATIVE_GAP = 2e-3
+# the integer orders in both Opacus' default grid and dp-accounting's (Opacus has no 11), so the
+# integer-order RDP bound is never below either library's default-grid value
+INTEGER_ORDERS = [float(a) for a in range(2, 64) if a != 11]
+INTEGER_RDP_RELATIVE_GAP = 1e-6
 PRV_MINUS_PLD = (0.0, 0.011)
 REPORTED_ABS_TOL = 1e-6
 DP_ACCOUNTING_RDP = "dp-accounting-rdp"  # the accountant behind Flower's client-level RdpAccountant
@@ -96,12 +102,29 @@ def dp_accounting_epsilons(entries: list[dict[str, Any]], delta: float) -> dict[
     pld_acc.compose(composed)
     rdp_acc = rdp.RdpAccountant(orders=RDP_ORDERS)
     rdp_acc.compose(composed)
-    return {"dp_accounting_pld": float(pld_acc.get_epsilon(delta)), "dp_accounting_rdp": float(rdp_acc.get_epsilon(delta))}
+    integer_acc = rdp.RdpAccountant(orders=INTEGER_ORDERS)
+    integer_acc.compose(composed)
+    return {"dp_accounting_pld": float(pld_acc.get_epsilon(delta)), "dp_accounting_rdp": float(rdp_acc.get_epsilon(delta)),
+            "dp_accounting_rdp_integer_orders": float(integer_acc.get_epsilon(delta))}
 
 
 def opacus_epsilons(entries: list[dict[str, Any]], delta: float) -> dict[str, float]:
     history = [batch_of(e) for e in entries]
-    return {f"opacus_{m}": SiteAccountant(m, history).epsilon(delta) for m in ("rdp", "prv")}
+    return {**{f"opacus_{m}": SiteAccountant(m, history).epsilon(delta) for m in ("rdp", "prv")},
+            "opacus_rdp_integer_orders": opacus_rdp_at(history, INTEGER_ORDERS, delta)}
+
+
+def opacus_rdp_at(history, orders: list[float], delta: float) -> float:
+    """Opacus' RDP epsilon of ``history`` (StepBatch list) over the given orders only."""
+    import warnings
+
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    total = sum(compute_rdp(q=b.sample_rate, noise_multiplier=b.noise_multiplier, steps=b.steps, orders=orders)
+                for b in history)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        return float(get_privacy_spent(orders=orders, rdp=total, delta=delta)[0])
 
 
 def audit_ledger(ledger: SiteLedger) -> SiteAudit:
@@ -177,9 +200,10 @@ def recompute_reported(entries: list[dict[str, Any]], accountant: str, delta: fl
 
 def _check_agreement(report: SiteAudit) -> None:
     eps = report.epsilons
-    gap = abs(eps["dp_accounting_rdp"] - eps["opacus_rdp"]) / max(eps["opacus_rdp"], 1e-12)
-    if gap > RDP_RELATIVE_GAP:
-        report.problems.append(f"RDP accountants disagree: Opacus {eps['opacus_rdp']:.6f} vs dp-accounting {eps['dp_accounting_rdp']:.6f}")
+    opacus_int, dp_int = eps["opacus_rdp_integer_orders"], eps["dp_accounting_rdp_integer_orders"]
+    if abs(dp_int - opacus_int) / max(opacus_int, 1e-12) > INTEGER_RDP_RELATIVE_GAP:
+        report.problems.append(
+            f"RDP accountants disagree at integer orders 2-63 (but 11): Opacus {opacus_int:.8f} vs dp-accounting {dp_int:.8f}")
     diff = eps["opacus_prv"] - eps["dp_accounting_pld"]
     if not PRV_MINUS_PLD[0] - 1e-9 <= diff <= PRV_MINUS_PLD[1]:
         report.problems.append(
@@ -188,6 +212,11 @@ def _check_agreement(report: SiteAudit) -> None:
     if report.reported_epsilon is not None and report.reported_epsilon < eps["dp_accounting_pld"] - 1e-9:
         report.problems.append(
             f"reported epsilon {report.reported_epsilon:.6f} is below the independent PLD value {eps['dp_accounting_pld']:.6f}"
+        )
+    if report.reported_epsilon is not None and report.reported_epsilon > opacus_int + REPORTED_ABS_TOL:
+        report.problems.append(
+            f"reported epsilon {report.reported_epsilon:.6f} is above the integer-order RDP bound {opacus_int:.6f}: "
+            "no accountant fedfm uses gives more"
         )
 
 
