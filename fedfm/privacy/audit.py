@@ -247,7 +247,42 @@ def audit_run(path: str | Path, canaries: int = 0, seed: int = 0) -> list[SiteAu
                 _add_empirical(audit, config, ledger, canaries, seed)
     if federation is not None:
         audits.append(audit_ledger(federation))
+    cross_check_results(Path(path), audits)
     return audits
+
+
+def cross_check_results(run_dir: Path, audits: list[SiteAudit]) -> None:
+    """Each site's ledger against what the coordinator recorded in ``results.json``: a ledger that
+    ends below the epsilon the run reported for that site (or is missing) was truncated, rolled
+    back, replaced or deleted. A ledger that ends above it is not flagged: a site may have trained
+    a round whose reply never reached the coordinator."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return
+    by_site = {a.site: a for a in audits}
+    for name, site in (results.get("sites") or {}).items():
+        trained, epsilon = int(site.get("rounds_trained") or 0), float(site.get("epsilon") or 0.0)
+        if trained == 0 or epsilon == 0.0:
+            continue  # never trained, or trained without DP-SGD: nothing to find in a ledger
+        audit = by_site.get(name)
+        if audit is None:
+            missing = SiteAudit(site=name)
+            missing.problems.append(f"{path} records {trained} rounds trained by {name} (epsilon {epsilon:.6f}), "
+                                    f"but {name} has no ledger: it was deleted or moved")
+            audits.append(missing)
+            continue
+        if audit.reported_epsilon is None:
+            continue  # the ledger itself is broken: already reported
+        if audit.reported_epsilon < epsilon - REPORTED_ABS_TOL:
+            last = f"round {audit.rounds[-1]}" if audit.rounds else "no round"
+            audit.problems.append(
+                f"{path} records epsilon {epsilon:.6f} for {name} after {trained} rounds, but its ledger ends at "
+                f"epsilon {audit.reported_epsilon:.6f} ({last}, {len(audit.rounds)} rounds): the ledger was truncated, "
+                "rolled back or replaced")
 
 
 def _run_config(run_dir: Path):

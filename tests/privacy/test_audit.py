@@ -114,3 +114,32 @@ def test_budget_exceeded_is_reported(tmp_path):
     _write_ledger(tmp_path, "site-0", [StepBatch(0.7, 0.05, 200)] * 2, budget=1.0)
     (audit,) = audit_run(tmp_path)
     assert any("exceeds the budget 1.0" in p for p in audit.problems)
+
+
+def _results_for(folder, ledgers):
+    sites = {}
+    for ledger in ledgers:
+        entries = ledger.verify()
+        sites[ledger.site] = {"rounds_trained": len(entries), "epsilon": entries[-1]["epsilon"]}
+    (folder / "results.json").write_text(json.dumps({"status": "complete", "sites": sites}))
+
+
+def test_a_truncated_ledger_is_caught_against_results_json(tmp_path, capsys):
+    ledgers = [_write_ledger(tmp_path / "ledger", f"site-{k}", [StepBatch(0.747, 1 / 14, 14)] * 5, budget=20.0)
+               for k in range(2)]
+    _results_for(tmp_path, ledgers)
+    assert all(a.passed for a in audit_run(tmp_path))
+    lines = ledgers[1].path.read_text().splitlines()
+    ledgers[1].path.write_text("\n".join(lines[:2]) + "\n")  # keep the first 2 rounds: a valid chain
+    assert main(["audit", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "site-0: PASS" in out and "site-1: FAIL" in out
+    assert "ledger ends at epsilon" in out and "after 5 rounds" in out and "(round 2, 2 rounds)" in out
+
+
+def test_a_deleted_ledger_is_caught_against_results_json(tmp_path, capsys):
+    ledgers = [_write_ledger(tmp_path / "ledger", f"site-{k}", [StepBatch(1.0, 0.02, 50)] * 3) for k in range(2)]
+    _results_for(tmp_path, ledgers)
+    ledgers[0].path.unlink()
+    assert main(["audit", str(tmp_path)]) == 1
+    assert "site-0 has no ledger" in capsys.readouterr().out
