@@ -21,7 +21,8 @@ app = ClientApp()
 def site_for(context: Context) -> Site:
     config = apply_node_config(experiment_from_run_config(context.run_config), context.node_config)
     site_id = site_id_from_node_config(context.node_config)
-    return Site(config, site_id, ledger_dir(context.run_config, context.node_config))
+    key = context.node_config.get("signing-key") or None  # deployment: the SuperNode's private key
+    return Site(config, site_id, ledger_dir(context.run_config, context.node_config), signing_key=key)
 
 
 def process_age() -> float:

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--canaries", type=int, default=0, metavar="M",
                        help="also replay each site's training with M gradient canaries for an empirical lower bound")
     audit.add_argument("--seed", type=int, default=0, help="seed of the canaries")
+    audit.add_argument("--keys", default=None, metavar="DIR",
+                       help="the sites' public keys (<site>.pub, as registered at the coordinator); default: keys/ beside the ledgers")
     report = sub.add_parser("report", help="write report.html/.md/.json for one or more run folders")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by fedfm simulate")
     report.add_argument("--out", default=None, help="where to write the report (default: the first RUN_DIR)")
@@ -110,7 +112,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     from fedfm.privacy.scope import scope_notes
 
-    audits = audit_run(args.run_dir, canaries=args.canaries, seed=args.seed)
+    audits = audit_run(args.run_dir, canaries=args.canaries, seed=args.seed, keys=args.keys)
     json_path, md_path = write_audit(audits, args.out or args.run_dir)
     notes = scope_notes(args.run_dir)
     if notes:  # what the statements cover beyond the ledgers: a search's trials, un-noised statistics

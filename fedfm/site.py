@@ -25,6 +25,7 @@ from fedfm.models.stacking import site_model
 from fedfm.personal import PersonalState
 from fedfm.privacy.accountant import SiteAccountant, StepBatch, calibrate_noise
 from fedfm.privacy.ledger import SiteLedger
+from fedfm.privacy.signing import site_signer
 from fedfm.training.activation_cache import ActivationCache, FeatureSplit, SuffixModel, prefix_length
 from fedfm.training.class_balance import (
     LABEL_COUNT_SENSITIVITY,
@@ -76,14 +77,17 @@ class EvalReply:
 class Site:
     """One hospital: its data, its ledger and its privacy budget."""
 
-    def __init__(self, config: ExperimentConfig, site_id: int, ledger_dir: str | Path, data: SiteData | None = None):
+    def __init__(self, config: ExperimentConfig, site_id: int, ledger_dir: str | Path, data: SiteData | None = None,
+                 signing_key: str | Path | None = None):
         """``data`` replaces the site's own split of ``config.data`` (e.g. the pooled data of a
-        centralized baseline); its ``name`` then names the site and its ledger."""
+        centralized baseline); its ``name`` then names the site and its ledger. ``signing_key`` is
+        the site's private key (in deployment its SuperNode's); without one, a key pair made for the
+        site in ``ledger_dir/keys`` (simulation) signs its ledger entries."""
         self.config = config
         self.site_id = site_id
         self.name = data.name if data is not None else site_name(site_id)
         self.data: SiteData = data if data is not None else load_site(config.data, site_id)
-        self.ledger = SiteLedger(ledger_dir, self.name)
+        self.ledger = SiteLedger(ledger_dir, self.name, site_signer(ledger_dir, self.name, signing_key))
         self.personal = PersonalState(Path(ledger_dir) / "personal", self.name, config.lora.personal)
         self.cache: ActivationCache | None = None
         if config.train.activation_cache:

@@ -33,6 +33,7 @@ from opacus.accountants import RDPAccountant
 
 from fedfm.privacy.accountant import SiteAccountant
 from fedfm.privacy.ledger import LedgerError, SiteLedger, batch_of
+from fedfm.privacy.signing import KEYS_DIR, SigningError, load_public_key, public_key_id, verify_signature
 
 LABEL_COUNTS = "label-counts"  # ledger entries of a site's noisy label-count release
 KINDS = (None, LABEL_COUNTS)  # an entry without a kind is a round of DP-SGD steps (or a client-level round)
@@ -58,6 +59,7 @@ class SiteAudit:
     epsilons: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     label_counts: dict[str, Any] | None = None  # the site's noisy label-count release, if it made one
+    signatures: str | None = None  # what the signature check found
     empirical: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -127,7 +129,8 @@ def opacus_rdp_at(history, orders: list[float], delta: float) -> float:
         return float(get_privacy_spent(orders=orders, rdp=total, delta=delta)[0])
 
 
-def audit_ledger(ledger: SiteLedger) -> SiteAudit:
+def audit_ledger(ledger: SiteLedger, keys_dir: Path | None = None) -> SiteAudit:
+    """Verify one ledger (chain, signatures with the site's public key in ``keys_dir``) and recompute it."""
     report = SiteAudit(site=ledger.site)
     try:
         entries = ledger.verify()
@@ -137,6 +140,7 @@ def audit_ledger(ledger: SiteLedger) -> SiteAudit:
     if not entries:
         report.problems.append(f"{ledger.path}: the ledger is empty")
         return report
+    _check_signatures(ledger, entries, keys_dir, report)
     report.rounds = [int(e["round"]) for e in entries if not is_release(e)]
     releases = [e for e in entries if is_release(e)]
     if releases:
@@ -156,6 +160,35 @@ def audit_ledger(ledger: SiteLedger) -> SiteAudit:
     report.epsilons = {**opacus_epsilons(entries, delta), **dp_accounting_epsilons(entries, delta)}
     _check_agreement(report)
     return report
+
+
+def _check_signatures(ledger: SiteLedger, entries: list[dict[str, Any]], keys_dir: Path | None,
+                      report: SiteAudit) -> None:
+    """Every entry must verify under the site's own public key (``keys_dir/<site>.pub``)."""
+    signed = [e for e in entries if "signature" in e]
+    if not signed:
+        report.signatures = "unsigned (written before ledgers were signed)"
+        return
+    key_path = None if keys_dir is None else keys_dir / f"{ledger.site}.pub"
+    if key_path is None or not key_path.is_file():
+        report.problems.append(f"{ledger.path}: entries are signed but there is no public key {key_path or ''} for "
+                               f"{ledger.site}: pass --keys with the sites' registered public keys")
+        return
+    try:
+        public = load_public_key(key_path)
+    except SigningError as err:
+        report.problems.append(str(err))
+        return
+    key_id = public_key_id(public)
+    for number, entry in enumerate(entries, start=1):
+        where = f"entry {number} (round {entry.get('round')})"
+        if "signature" not in entry:
+            report.problems.append(f"{ledger.site} {where}: not signed, in a ledger whose other entries are")
+        elif entry.get("key_id") != key_id or not verify_signature(public, entry["hash"], entry["signature"]):
+            report.problems.append(f"{ledger.site} {where}: the signature does not verify with {key_path} (written or "
+                                   "re-signed by someone without the site's private key, or a ledger of another site)")
+    if not report.problems:
+        report.signatures = f"every entry verifies with {key_path}"
 
 
 def _check_entries(entries: list[dict[str, Any]], report: SiteAudit) -> None:
@@ -233,13 +266,17 @@ def find_client_level_ledger(path: str | Path) -> SiteLedger | None:
     return SiteLedger(folder, "client-level") if (folder / "client-level.jsonl").exists() else None
 
 
-def audit_run(path: str | Path, canaries: int = 0, seed: int = 0) -> list[SiteAudit]:
-    """Audit every ledger under ``path``; with ``canaries`` > 0 also replay each site with canaries."""
+def audit_run(path: str | Path, canaries: int = 0, seed: int = 0, keys: str | Path | None = None) -> list[SiteAudit]:
+    """Audit every ledger under ``path``; with ``canaries`` > 0 also replay each site with canaries.
+
+    ``keys`` is a folder of the sites' public keys (``<site>.pub``, e.g. those registered at the
+    coordinator); default: ``keys/`` beside the ledgers (simulation)."""
     ledgers = find_ledgers(path)
     federation = find_client_level_ledger(path)
     if not ledgers and federation is None:
         raise FileNotFoundError(f"no ledgers (*.jsonl) in {path} or {Path(path) / 'ledger'}")
-    audits = [audit_ledger(ledger) for ledger in ledgers]
+    keys_dir = Path(keys) if keys is not None else (ledgers[0].path.parent / KEYS_DIR if ledgers else None)
+    audits = [audit_ledger(ledger, keys_dir) for ledger in ledgers]
     if canaries > 0:
         config = _run_config(Path(path))
         for audit, ledger in zip(audits, ledgers):
@@ -370,6 +407,10 @@ def audit_markdown(audits: list[SiteAudit], libraries: dict[str, str]) -> str:
                    "no sampling." if released else ""),
                 f"- Rounds trained: {', '.join(map(str, a.rounds))}; last trained in round {a.rounds[-1]}, "
                 f"having spent epsilon {a.reported_epsilon:.3f} of its budget {a.budget_epsilon}.",
+                f"- Signatures: {a.signatures or 'not checked'}. A valid signature proves the entry was written by "
+                "the holder of the site's private key and not changed since; with the results.json cross-check it "
+                "catches truncation, rollback and rewriting by anyone else. It does not prove the site added the "
+                "noise it records: that is what the canary audit (--canaries) tests.",
                 "",
                 "| method | epsilon |",
                 "|---|---|",

@@ -23,18 +23,23 @@ class LedgerError(RuntimeError):
     """The ledger is unreadable or its hash chain is broken."""
 
 
+UNHASHED = ("hash", "signature")  # the signature signs the hash, so neither is part of it
+
+
 def entry_hash(entry: dict[str, Any]) -> str:
-    """sha256 of the entry's canonical JSON without its own ``hash`` field."""
-    body = {k: v for k, v in entry.items() if k != "hash"}
+    """sha256 of the entry's canonical JSON without its own ``hash`` and ``signature`` fields."""
+    body = {k: v for k, v in entry.items() if k not in UNHASHED}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class SiteLedger:
     """The ledger of one site, stored at ``<folder>/<site>.jsonl``."""
 
-    def __init__(self, folder: str | Path, site: str):
+    def __init__(self, folder: str | Path, site: str, signer=None):
+        """``signer`` (an :class:`fedfm.privacy.signing.EntrySigner`) signs every entry appended."""
         self.path = Path(folder) / f"{site}.jsonl"
         self.site = site
+        self.signer = signer
 
     def entries(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -67,7 +72,11 @@ class SiteLedger:
         """Chain ``record`` onto the ledger and write it durably before returning it."""
         entries = self.verify()
         entry = dict(record, site=self.site, prev_hash=entries[-1]["hash"] if entries else GENESIS_HASH)
+        if self.signer is not None:
+            entry["key_id"] = self.signer.key_id
         entry["hash"] = entry_hash(entry)
+        if self.signer is not None:
+            entry["signature"] = self.signer.sign(entry["hash"])
         lines = [json.dumps(e, sort_keys=True) for e in [*entries, entry]]
         _atomic_write(self.path, "\n".join(lines) + "\n")
         return entry

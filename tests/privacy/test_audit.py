@@ -143,3 +143,68 @@ def test_a_deleted_ledger_is_caught_against_results_json(tmp_path, capsys):
     ledgers[0].path.unlink()
     assert main(["audit", str(tmp_path)]) == 1
     assert "site-0 has no ledger" in capsys.readouterr().out
+
+
+def _signed_ledger(folder, site, rounds=3):
+    from fedfm.privacy.signing import simulation_signer
+
+    ledger = SiteLedger(folder, site, simulation_signer(folder, site))
+    accountant = SiteAccountant("prv")
+    for number in range(1, rounds + 1):
+        batch = StepBatch(1.0, 0.02, 50)
+        accountant.add(batch)
+        ledger.append({"round": number, "steps": 50, "noise_multiplier": 1.0, "sample_rate": 0.02, "sampling": "poisson",
+                       "max_grad_norm": 1.0, "delta": 1e-5, "accountant": "prv", "epsilon": accountant.epsilon(1e-5),
+                       "budget_epsilon": 8.0})
+    return ledger
+
+
+def test_signed_ledgers_verify_and_name_the_entry_a_rewrite_breaks(tmp_path, capsys):
+    from fedfm.privacy.ledger import entry_hash
+
+    ledger = _signed_ledger(tmp_path / "ledger", "site-0")
+    _signed_ledger(tmp_path / "ledger", "site-1")
+    audits = audit_run(tmp_path)
+    assert all(a.passed for a in audits) and all(a.signatures.startswith("every entry verifies") for a in audits)
+    # rewrite entry 2 and recompute every hash after it: the chain is valid again, the signatures are not
+    entries = ledger.verify()
+    entries[1]["noise_multiplier"] = 3.0
+    prev = entries[0]["hash"]
+    for entry in entries[1:]:
+        entry["prev_hash"] = prev
+        entry["hash"] = prev = entry_hash(entry)
+    ledger.path.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
+    assert ledger.verify()  # the unkeyed chain alone would pass
+    assert main(["audit", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "site-0 entry 2 (round 2): the signature does not verify" in out and "site-1: PASS" in out
+
+
+def test_a_ledger_copied_from_another_site_or_signed_with_the_wrong_key_fails(tmp_path):
+    import shutil
+
+    _signed_ledger(tmp_path / "ledger", "site-0")
+    _signed_ledger(tmp_path / "ledger", "site-1")
+    text = (tmp_path / "ledger" / "site-0.jsonl").read_text().replace('"site": "site-0"', '"site": "site-1"')
+    (tmp_path / "ledger" / "site-1.jsonl").write_text(text)  # site-0's history passed off as site-1's
+    problems = {a.site: a.problems for a in audit_run(tmp_path)}
+    assert problems["site-0"] == [] and problems["site-1"]  # chain or signature: never a pass
+    other = tmp_path / "other"
+    _signed_ledger(other / "ledger", "site-0")
+    shutil.copy(other / "ledger" / "keys" / "site-0.pub", tmp_path / "wrong-keys-site-0.pub")
+    keys = tmp_path / "registered"
+    keys.mkdir()
+    shutil.copy(tmp_path / "wrong-keys-site-0.pub", keys / "site-0.pub")
+    (site0,) = [a for a in audit_run(tmp_path, keys=keys) if a.site == "site-0"]
+    assert any("signature does not verify" in p for p in site0.problems)
+
+
+def test_an_unsigned_entry_in_a_signed_ledger_fails(tmp_path):
+    ledger = _signed_ledger(tmp_path / "ledger", "site-0", rounds=2)
+    unsigned = SiteLedger(tmp_path / "ledger", "site-0")  # no signer: someone appending without the key
+    unsigned.append({"round": 3, "steps": 50, "noise_multiplier": 1.0, "sample_rate": 0.02, "sampling": "poisson",
+                     "max_grad_norm": 1.0, "delta": 1e-5, "accountant": "prv",
+                     "epsilon": SiteAccountant("prv", [StepBatch(1.0, 0.02, 50)] * 3).epsilon(1e-5), "budget_epsilon": 8.0})
+    (audit,) = audit_run(tmp_path)
+    assert any("entry 3 (round 3): not signed" in p for p in audit.problems)
+    assert len(ledger.verify()) == 3
