@@ -222,7 +222,8 @@ class RunRecorder:
         }
 
 
-def pooled_summary(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
+def pooled_summary(evaluations: dict[str, SiteEvaluation], calibration: Calibration | None = None) -> dict[str, Any]:
+    """Metrics of every site's shared predictions pooled; with ``calibration``, after it."""
     # site order, not arrival order: the bootstrap resamples by position
     parts = [evaluations[k] for k in sorted(evaluations, key=_site_order)]
     parts = [ev for ev in parts if ev.probs is not None and len(ev.probs)]
@@ -230,32 +231,26 @@ def pooled_summary(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
         return {}
     probs = np.concatenate([ev.probs for ev in parts])
     labels = np.concatenate([ev.labels for ev in parts])
+    preds = None
+    if calibration is not None:
+        probs, preds = apply_calibration(probs, calibration)
+    decided = probs.argmax(axis=1) if preds is None else preds
     return {
-        **classification_metrics(probs, labels),
-        "ci95": bootstrap_intervals(probs, labels),
+        **classification_metrics(probs, labels, preds),
+        "ci95": bootstrap_intervals(probs, labels, preds=preds),
         "reliability": reliability_curve(probs, labels),
-        **({"recall_per_class": per_class_recall(probs.argmax(axis=1), labels, probs.shape[1])} if probs.shape[1] > 2 else {}),
+        **({"recall_per_class": per_class_recall(decided, labels, probs.shape[1])} if probs.shape[1] > 2 else {}),
     }
+
+
+def calibrated_pooled_summary(evaluations: dict[str, SiteEvaluation], calibration: Calibration | None) -> dict[str, Any]:
+    """:func:`pooled_summary` after ``calibration`` (empty without one)."""
+    return pooled_summary(evaluations, calibration) if calibration is not None else {}
 
 
 def per_class_recall(preds: np.ndarray, labels: np.ndarray, classes: int) -> list[float | None]:
     """Sensitivity of each class (None where the class is absent): what balanced accuracy averages."""
     return [float(np.mean(preds[labels == c] == c)) if np.any(labels == c) else None for c in range(classes)]
-
-
-def calibrated_pooled_summary(evaluations: dict[str, SiteEvaluation], calibration: Calibration | None) -> dict[str, Any]:
-    """:func:`pooled_summary` of the shared predictions after ``calibration`` (empty without one)."""
-    parts = [evaluations[k] for k in sorted(evaluations, key=_site_order)]
-    parts = [ev for ev in parts if ev.probs is not None and len(ev.probs)]
-    if calibration is None or not parts:
-        return {}
-    probs, preds = apply_calibration(np.concatenate([ev.probs for ev in parts]), calibration)
-    labels = np.concatenate([ev.labels for ev in parts])
-    return {
-        **classification_metrics(probs, labels, preds),
-        "ci95": bootstrap_intervals(probs, labels, preds=preds),
-        "reliability": reliability_curve(probs, labels),
-    }
 
 
 def _pooled_personal(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
