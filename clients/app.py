@@ -6,13 +6,14 @@ import time
 
 import psutil
 
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfm.appconfig import apply_node_config, experiment_from_run_config, ledger_dir, site_id_from_node_config
 from fedfm.eval.calibration import calibrated_metrics, calibration_from, site_statistics
 from fedfm.results import PERSONAL
-from fedfm.site import BUDGET_REFUSED, HELD_OUT, BudgetExhausted, HeldOut, Site
+from fedfm.privacy.heads import REPLY_KEY, LedgerRolledBack
+from fedfm.site import BUDGET_REFUSED, HELD_OUT, LEDGER_ROLLED_BACK, BudgetExhausted, HeldOut, Site
 from fedfm.transport import encode
 
 app = ClientApp()
@@ -21,8 +22,10 @@ app = ClientApp()
 def site_for(context: Context) -> Site:
     config = apply_node_config(experiment_from_run_config(context.run_config), context.node_config)
     site_id = site_id_from_node_config(context.node_config)
-    key = context.node_config.get("signing-key") or None  # deployment: the SuperNode's private key
-    return Site(config, site_id, ledger_dir(context.run_config, context.node_config), signing_key=key)
+    node = context.node_config
+    key = node.get("signing-key") or None  # deployment: the SuperNode's private key
+    return Site(config, site_id, ledger_dir(context.run_config, node), signing_key=key, run_id=str(context.run_id),
+                heads_dir=node.get("heads-dir") or None)
 
 
 def process_age() -> float:
@@ -44,8 +47,12 @@ def train(msg: Message, context: Context) -> Message:
         return Message(error=Error(code=BUDGET_REFUSED, reason=str(refusal)), reply_to=msg)
     except HeldOut as refusal:
         return Message(error=Error(code=HELD_OUT, reason=str(refusal)), reply_to=msg)
+    except LedgerRolledBack as refusal:
+        return Message(error=Error(code=LEDGER_ROLLED_BACK, reason=str(refusal)), reply_to=msg)
     sent = encode(reply.adapter, site.config.federation.transport)
     content = RecordDict({"arrays": ArrayRecord(sent), "metrics": MetricRecord({**reply.metrics, "process-age-s": age})})
+    if reply.head is not None:  # the coordinator anchors it (fedfm.privacy.anchors)
+        content[REPLY_KEY] = ConfigRecord(reply.head.to_dict())
     return Message(content=content, reply_to=msg)
 
 

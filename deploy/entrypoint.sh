@@ -7,6 +7,7 @@
 #               ClientApp as its subprocess next to the site's data (/data, read-only) and ledger
 #   register    operator, one-shot: register every site public key found in $KEYS_DIR
 #   run         operator, one-shot: wait for $SITES sites online, run the experiment, check results
+#               (the ServerApp keeps its anchor log of the sites' ledger heads in /state/anchors)
 #   (anything else is executed as a command)
 set -eu
 
@@ -38,11 +39,13 @@ case "$role" in
     ;;
   supernode)
     : "${SITE_ID:?set SITE_ID (the site's number, as in site-K)}"
-    node_config="site-id=$SITE_ID ledger-dir=\"/ledger\""
+    site_key=${SITE_KEY:-/keys/site-$SITE_ID}
+    # the key that authenticates the SuperNode also signs every entry of the site's ledger
+    node_config="site-id=$SITE_ID ledger-dir=\"/ledger\" signing-key=\"$site_key\""
     [ -n "${SITE_DATA_PATH:-}" ] && node_config="$node_config data-path=\"$SITE_DATA_PATH\""
     [ -n "${SITE_BUDGET_EPSILON:-}" ] && node_config="$node_config budget-epsilon=$SITE_BUDGET_EPSILON"
     exec flower-supernode --root-certificates "$CERTS_DIR/ca.crt" --superlink "$SUPERLINK_ADDRESS" \
-      --auth-supernode-private-key "${SITE_KEY:-/keys/site-$SITE_ID}" --node-config "$node_config" "$@"
+      --auth-supernode-private-key "$site_key" --node-config "$node_config" "$@"
     ;;
   register)
     connection
@@ -66,7 +69,7 @@ case "$role" in
     done
     out_dir="/runs/${RUN_NAME:-compose}"
     flwr run /app fedfm --stream --run-config \
-      "config=\"${EXPERIMENT:-/app/configs/quickstart.yaml}\" overrides=\"${OVERRIDES:-}\" out-dir=\"$out_dir\""
+      "config=\"${EXPERIMENT:-/app/configs/quickstart.yaml}\" overrides=\"${OVERRIDES:-}\" out-dir=\"$out_dir\" anchor-dir=\"${ANCHOR_DIR:-/state/anchors}\""
     # the ServerApp wrote results in the coordinator's /runs volume, mounted here too
     python -c "import json,sys; r=json.load(open('$out_dir/results.json')); print('status', r['status'], 'pooled AUROC', r['pooled'].get('auroc')); sys.exit(r['status'] != 'complete')"
     ;;

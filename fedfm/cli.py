@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--seed", type=int, default=0, help="seed of the canaries")
     audit.add_argument("--keys", default=None, metavar="DIR",
                        help="the sites' public keys (<site>.pub, as registered at the coordinator); default: keys/ beside the ledgers")
+    audit.add_argument("--anchors", default=None, metavar="DIR",
+                       help="the coordinator's anchor log folder (anchors.jsonl; deployment: next to the SuperLink's state); "
+                            "default: RUN_DIR/ledger-federation when it has one")
     report = sub.add_parser("report", help="write report.html/.md/.json for one or more run folders")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by fedfm simulate")
     report.add_argument("--out", default=None, help="where to write the report (default: the first RUN_DIR)")
@@ -112,7 +115,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     from fedfm.privacy.scope import scope_notes
 
-    audits = audit_run(args.run_dir, canaries=args.canaries, seed=args.seed, keys=args.keys)
+    audits = audit_run(args.run_dir, canaries=args.canaries, seed=args.seed, keys=args.keys, anchors=args.anchors)
     json_path, md_path = write_audit(audits, args.out or args.run_dir)
     notes = scope_notes(args.run_dir)
     if notes:  # what the statements cover beyond the ledgers: a search's trials, un-noised statistics
@@ -123,6 +126,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         eps = ", ".join(f"{k} {v:.4f}" for k, v in a.epsilons.items())
         last = f"  last round {a.rounds[-1]}" if a.rounds else ""
         print(f"{a.site}: {'PASS' if a.passed else 'FAIL'}  reported {a.reported_epsilon}{last}  {eps}")
+        if len(a.runs) > 1:
+            print(f"  {len(a.runs)} runs on this ledger: " + ", ".join(
+                f"run {r['run_id'] or '?'} {r['rounds']} rounds -> epsilon {r['epsilon_after']:.3f}" for r in a.runs))
         if a.empirical:
             r = a.empirical["result"]
             print(f"  empirical: {r['correct']}/{r['guesses']} guesses right, epsilon >= {r['epsilon_lower_bound']:.3f}")
@@ -159,26 +165,46 @@ def add_deploy(sub) -> None:
     init.add_argument("--name", dest="names", action="append", default=[], metavar="HOST",
                       help="host name or IP the sites dial for the SuperLink (repeatable; first one is used in the steps)")
     init.add_argument("--budget", type=float, default=8.0, help="each site's epsilon budget in its env file")
+    init.add_argument("--site-keys", default=None, metavar="DIR",
+                      help="the public keys the sites made themselves (site-K.pub from fedfm deploy keygen); "
+                           "default: generate every site's key pair here (deploy local, demos)")
+    keygen = actions.add_parser("keygen", help="at a hospital: make this site's own key pair; send only site-K.pub")
+    keygen.add_argument("--site", type=int, required=True, help="this site's number K (as in site-K)")
+    keygen.add_argument("--out", default="keys", help="folder for site-K and site-K.pub (default: ./keys)")
     local = actions.add_parser("local", help="run the deployment as local processes on loopback (TLS + auth)")
     local.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="experiment YAML")
     local.add_argument("--sites", type=int, default=None, help="number of sites (default: data.num_sites)")
     local.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     local.add_argument("--out", default=None, help="run folder (default: runs/<output.name>-<timestamp>)")
     local.add_argument("--verbose", action="store_true", help="show Flower's full log")
+    local.add_argument("--state", default=None, metavar="DIR",
+                       help="a folder that outlives runs, as hospitals' volumes do: the deployment's keys, each "
+                            "site's ledger and the coordinator's anchor log; the next run with the same DIR "
+                            "continues every site's epsilon (default: all inside the run folder)")
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     if args.action == "init":
         from fedfm.deploy.init import init_deployment
 
-        dep = init_deployment(args.out, args.sites, args.names, args.budget)
+        dep = init_deployment(args.out, args.sites, args.names, args.budget, site_keys=args.site_keys)
         print((dep.root / "STEPS.md").read_text())
-        print(f"wrote {dep.root}: keep certs/ca.key and every keys/site-K private; hand site K only its own files")
+        if args.site_keys:
+            print(f"wrote {dep.root}: keep certs/ca.key private; hand each site certs/ca.crt and its sites/site-K.env")
+        else:
+            print(f"wrote {dep.root}: keep certs/ca.key and every keys/site-K private; hand site K only its own files")
+        return 0
+    if args.action == "keygen":
+        from fedfm.deploy.init import site_keygen
+
+        private, public = site_keygen(args.out, args.site)
+        print(f"wrote {private} (private: stays at this site; it authenticates the SuperNode and signs the ledger) "
+              f"and {public}: send {public.name} to the coordinator")
         return 0
     from fedfm.deploy.local import deploy_local
 
     overrides = list(args.overrides) + ([f"data.num_sites={args.sites}"] if args.sites else [])
-    run_dir = deploy_local(load_config(args.config, overrides), args.out, verbose=args.verbose)
+    run_dir = deploy_local(load_config(args.config, overrides), args.out, verbose=args.verbose, state=args.state)
     print_summary(run_dir)
     return 0
 

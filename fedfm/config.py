@@ -375,3 +375,10 @@ def _resolve_relative_paths(config: ExperimentConfig, base: Path) -> None:
             here = Path(value)
             resolved = here if here.exists() else (base / value)
             setattr(obj, key, str(resolved.resolve()))
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    """sha256 of the resolved configuration (canonical JSON): what a ledger entry was trained with."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()

@@ -62,9 +62,10 @@ def resumable_run(run_dir: str | Path) -> tuple[ExperimentConfig, Path]:
 
 
 def write_run_config(config: ExperimentConfig, run_dir: Path, resume: bool = False, until_round: int = 0,
-                     ledger_dir: Path | None = None) -> Path:
-    """The ``--run-config`` TOML: the resolved experiment as JSON, the output folder, resume settings
-    and, when several runs share the sites' ledgers (a search), the ledger folder."""
+                     ledger_dir: Path | None = None, anchor_dir: Path | None = None) -> Path:
+    """The ``--run-config`` TOML: the resolved experiment as JSON, the output folder, resume settings,
+    when several runs share the sites' ledgers (a search) the ledger folder, and when the
+    coordinator's anchor log outlives the run (deployment state) its folder."""
     path = run_dir / "run-config.toml"
     path.write_text(
         f"config-json = {json.dumps(config.to_json())}\n"
@@ -72,6 +73,7 @@ def write_run_config(config: ExperimentConfig, run_dir: Path, resume: bool = Fal
         f"resume = {'true' if resume else 'false'}\n"
         f"until-round = {int(until_round)}\n"
         + (f"ledger-dir = {json.dumps(str(ledger_dir))}\n" if ledger_dir is not None else "")
+        + (f"anchor-dir = {json.dumps(str(anchor_dir))}\n" if anchor_dir is not None else "")
     )
     return path
 

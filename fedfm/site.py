@@ -16,7 +16,7 @@ import numpy as np
 import opacus
 import torch
 
-from fedfm.config import ExperimentConfig
+from fedfm.config import ExperimentConfig, config_hash
 from fedfm.data import label_counts, load_site
 from fedfm.data.types import SiteData, Split
 from fedfm.eval.metrics import classification_metrics
@@ -24,6 +24,7 @@ from fedfm.models import ModelSpec, adapter_state_dict, build_model, load_adapte
 from fedfm.models.stacking import site_model
 from fedfm.personal import PersonalState
 from fedfm.privacy.accountant import SiteAccountant, StepBatch, calibrate_noise
+from fedfm.privacy.heads import HEADS_DIR, HeadStore, LedgerHead, head_of
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.privacy.signing import site_signer
 from fedfm.training.activation_cache import ActivationCache, FeatureSplit, SuffixModel, prefix_length
@@ -41,6 +42,7 @@ from fedfm.training.local import plan_steps, predict_probs, train_round
 
 BUDGET_REFUSED = 4001  # error code of a reply that refuses a round for the privacy budget
 HELD_OUT = 4002  # error code of a held-out site asked to train: it only evaluates
+LEDGER_ROLLED_BACK = 4003  # error code of a site whose ledger is behind the last head it signed
 
 
 class HeldOut(RuntimeError):
@@ -65,6 +67,7 @@ def round_seed(seed: int, site_id: int, server_round: int) -> int:
 class TrainReply:
     adapter: dict[str, torch.Tensor]
     metrics: dict[str, float | int]
+    head: LedgerHead | None = None  # the site's signed ledger head after this round (DP-SGD sites)
 
 
 @dataclass(frozen=True)
@@ -78,16 +81,20 @@ class Site:
     """One hospital: its data, its ledger and its privacy budget."""
 
     def __init__(self, config: ExperimentConfig, site_id: int, ledger_dir: str | Path, data: SiteData | None = None,
-                 signing_key: str | Path | None = None):
+                 signing_key: str | Path | None = None, run_id: str = "", heads_dir: str | Path | None = None):
         """``data`` replaces the site's own split of ``config.data`` (e.g. the pooled data of a
         centralized baseline); its ``name`` then names the site and its ledger. ``signing_key`` is
         the site's private key (in deployment its SuperNode's); without one, a key pair made for the
-        site in ``ledger_dir/keys`` (simulation) signs its ledger entries."""
+        site in ``ledger_dir/keys`` (simulation) signs its ledger entries. ``run_id`` names the run in
+        every ledger entry; ``heads_dir`` keeps the site's last signed ledger head (default
+        ``ledger_dir/heads``)."""
         self.config = config
         self.site_id = site_id
+        self.run_id = str(run_id)
         self.name = data.name if data is not None else site_name(site_id)
         self.data: SiteData = data if data is not None else load_site(config.data, site_id)
         self.ledger = SiteLedger(ledger_dir, self.name, site_signer(ledger_dir, self.name, signing_key))
+        self.heads = HeadStore(Path(heads_dir) if heads_dir else Path(ledger_dir) / HEADS_DIR, self.name)
         self.personal = PersonalState(Path(ledger_dir) / "personal", self.name, config.lora.personal)
         self.cache: ActivationCache | None = None
         if config.train.activation_cache:
@@ -150,6 +157,7 @@ class Site:
         plan = plan_steps(len(self.data.train), cfg.train.batch_size, cfg.train.local_epochs)
         accountant = sigma = None
         if cfg.privacy.sample_level:
+            self.check_ledger()
             accountant = self.ledger.accountant(cfg.privacy.accountant)
             sigma = self.noise_multiplier(plan.sample_rate, plan.steps)
             batches = [StepBatch(sigma, plan.sample_rate, plan.steps)]
@@ -192,7 +200,21 @@ class Site:
         adapter = adapter_state_dict(model)
         if self.personal.enabled:
             self.personal.save(server_round, adapter)
-        return TrainReply(adapter, metrics)
+        return TrainReply(adapter, metrics, self.heads.load() if accountant is not None else None)  # the head just signed
+
+    def check_ledger(self) -> None:
+        """Refuse (:class:`LedgerRolledBack`) to train on a ledger behind the last head this site signed."""
+        self.heads.check(self.ledger.verify(), self.ledger.signer.public_key if self.heads.path.is_file() else None)
+
+    def head(self) -> LedgerHead:
+        """The site's ledger head now, signed with its key."""
+        return head_of(self.name, self.ledger.verify(), self.ledger.signer)
+
+    def _append(self, record: dict) -> None:
+        """Append ``record`` to the ledger (with the run and the config it was trained with), then
+        keep the new signed head apart from the ledger."""
+        self.ledger.append({**record, "run_id": self.run_id, "config_hash": config_hash(self.config)})
+        self.heads.save(self.head())
 
     @property
     def budget(self) -> float:
@@ -237,7 +259,7 @@ class Site:
         release = label_count_release(cfg.train.label_count_noise)
         accountant.add(release)
         privacy = cfg.privacy
-        self.ledger.append({
+        self._append({
             "kind": LABEL_COUNTS,
             "round": server_round,
             "steps": release.steps,
@@ -272,7 +294,7 @@ class Site:
                 class_weights: list[float] | None = None) -> None:
         privacy = self.config.privacy
         weighting = {} if class_weights is None else {"class_weights": [float(w) for w in class_weights]}
-        self.ledger.append({
+        self._append({
             "round": server_round,
             "steps": steps,
             "noise_multiplier": sigma,

@@ -13,6 +13,7 @@ from fedfm.appconfig import experiment_from_run_config
 from fedfm.eval.calibration import STATISTICS_PREFIX, Calibration, calibration_config, fit_calibration, sum_statistics
 from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict, full_model_bytes
+from fedfm.privacy.anchors import AnchorLog
 from fedfm.results import PERSONAL, RunRecorder, SiteEvaluation
 from fedfm.site import site_name
 from fedfm.transport import encode
@@ -33,7 +34,9 @@ def main(grid: Grid, context: Context) -> None:
     if context.run_config.get("resume", False):
         done, initial = recorder.resume()
     last = min(int(context.run_config.get("until-round", 0) or fed.rounds), fed.rounds)
-    strategy = build_strategy(config, recorder, list(initial))
+    # the sites' ledger heads: in the run folder, or (deployment) next to the SuperLink's state, across runs
+    anchors = AnchorLog(str(context.run_config.get("anchor-dir") or run_dir / "ledger-federation"))
+    strategy = build_strategy(config, recorder, list(initial), anchors, str(context.run_id))
     wait_for_sites(grid, config.data.num_sites, fed.site_wait_s)
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
@@ -50,7 +53,8 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_config=ConfigRecord({"split": "val", "round-offset": done}),
         evaluate_fn=checkpoint,
     )
-    final = result.arrays if result.arrays is not None else ArrayRecord(initial)
+    # no round aggregated (every site refused its first round): the initial adapter is the result
+    final = result.arrays if result.arrays is not None and len(result.arrays) else ArrayRecord(initial)
     if last < fed.rounds:
         recorder.write_results(status="paused")
         print(f"[fedfm] paused after round {last}: continue with fedfm simulate --resume {run_dir}", flush=True)

@@ -20,10 +20,12 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMetho
 
 from fedfm.config import ExperimentConfig
 from fedfm.models.stacking import LORA_A, LORA_B, stack
+from fedfm.privacy.anchors import AnchorLog, AnchorRejected
 from fedfm.privacy.audit import DP_ACCOUNTING_RDP
+from fedfm.privacy.heads import REPLY_KEY, LedgerHead
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.results import RunRecorder
-from fedfm.site import BUDGET_REFUSED, HELD_OUT, site_name
+from fedfm.site import BUDGET_REFUSED, HELD_OUT, LEDGER_ROLLED_BACK, site_name
 from fedfm.transport import decode, encode
 
 log = logging.getLogger("fedfm")
@@ -37,15 +39,20 @@ class Bookkeeping:
     A train reply must carry exactly the adapter keys the server sent, all finite; one that
     does not is dropped for that round (named in the log and in results.json). A site that
     refuses a round for its privacy budget replies with an error, recorded as a refusal;
-    when every site has refused, training stops cleanly.
+    when every site has refused, training stops cleanly. Under DP-SGD each reply also carries
+    the site's signed ledger head, which goes into the coordinator's anchor log; a reply whose
+    head is missing, or behind the head anchored for that site before, is rejected.
     """
 
     recorder: RunRecorder
     adapter_keys: list[str]
 
-    def init_bookkeeping(self, recorder: RunRecorder, adapter_keys: list[str]) -> None:
+    def init_bookkeeping(self, recorder: RunRecorder, adapter_keys: list[str], anchors: AnchorLog | None = None,
+                         run_id: str = "") -> None:
         self.recorder = recorder
         self.adapter_keys = list(adapter_keys)
+        self.anchors = anchors
+        self.run_id = run_id
         self._train: dict[str, dict[str, float]] = {}
         self._refused: dict[str, str] = {}
         self.out_of_budget: set[int] = set()  # nodes that refused a round for their privacy budget
@@ -99,12 +106,12 @@ class Bookkeeping:
                 if msg.error.code == HELD_OUT:
                     self.held_out.add(msg.metadata.src_node_id)
                     continue  # not a refusal: the site is there to be evaluated as unseen
-                if msg.error.code == BUDGET_REFUSED:
+                if msg.error.code in (BUDGET_REFUSED, LEDGER_ROLLED_BACK):  # neither can train again in this run
                     self.out_of_budget.add(msg.metadata.src_node_id)
                 self._refused[node] = msg.error.reason or f"error code {msg.error.code}"
                 log.warning("round %d: %s did not train: %s", server_round, node, self._refused[node])
                 continue
-            problem = self.reply_problem(msg.content)
+            problem = self.reply_problem(msg.content) or self.anchor(server_round, msg.content)
             if problem:
                 self._refused[node] = f"rejected: {problem}"
                 log.warning("round %d: reply of %s rejected: %s", server_round, node, problem)
@@ -114,6 +121,22 @@ class Bookkeeping:
             kept.append(msg)
         # A fixed order makes the floating-point average independent of arrival order.
         return sorted(kept, key=lambda m: int(m.content["metrics"]["site-id"]))
+
+    def anchor(self, server_round: int, content: RecordDict) -> str | None:
+        """Anchor the reply's ledger head (and take it out of the content); why not, or None."""
+        head = content.pop(REPLY_KEY, None)
+        if self.anchors is None:
+            return None
+        if head is None:
+            return "a DP-SGD site's train reply must carry its signed ledger head"
+        try:
+            head = LedgerHead.from_dict(dict(head))
+            self.anchors.append(head, server_round + self.recorder.round_offset, self.run_id)
+        except AnchorRejected as err:
+            return str(err)
+        except (KeyError, TypeError, ValueError) as err:
+            return f"its ledger head is malformed ({err})"
+        return None
 
     def reply_problem(self, content: RecordDict) -> str | None:
         """Why the content of a train reply cannot be averaged, or None when it can."""
@@ -149,9 +172,10 @@ class Bookkeeping:
 class AdapterFedAvg(Bookkeeping, FedAvg):
     """FedAvg weighted by each site's number of training images."""
 
-    def __init__(self, recorder: RunRecorder, adapter_keys: list[str], **kwargs):
+    def __init__(self, recorder: RunRecorder, adapter_keys: list[str], anchors: AnchorLog | None = None,
+                 run_id: str = "", **kwargs):
         super().__init__(**kwargs)
-        self.init_bookkeeping(recorder, adapter_keys)
+        self.init_bookkeeping(recorder, adapter_keys, anchors, run_id)
 
 
 class _StackFactors:
@@ -177,9 +201,10 @@ class _StackFactors:
 class StackedLoraFedAvg(Bookkeeping, _StackFactors, FedAvg):
     """Per-site LoRA ranks (lora.site_ranks): FLoRA stacking, exact whatever the ranks."""
 
-    def __init__(self, recorder: RunRecorder, adapter_keys: list[str], **kwargs):
+    def __init__(self, recorder: RunRecorder, adapter_keys: list[str], anchors: AnchorLog | None = None,
+                 run_id: str = "", **kwargs):
         super().__init__(**kwargs)
-        self.init_bookkeeping(recorder, adapter_keys)
+        self.init_bookkeeping(recorder, adapter_keys, anchors, run_id)
         self.alpha = recorder.config.lora.alpha
         self.max_rank = recorder.config.lora.stack_max_rank
 
@@ -206,7 +231,8 @@ class ClientDPFedAvg(Bookkeeping, DifferentialPrivacyServerSideFixedClipping):
     ``ledger-federation/client-level.jsonl`` so ``fedfm audit`` can recompute it.
     """
 
-    def __init__(self, recorder: RunRecorder, adapter_keys: list[str], config: ExperimentConfig, sampled: int, **fedavg):
+    def __init__(self, recorder: RunRecorder, adapter_keys: list[str], config: ExperimentConfig, sampled: int,
+                 anchors: AnchorLog | None = None, run_id: str = "", **fedavg):
         client = config.privacy.client
         accountant = RdpAccountant(PrivacyConfig(
             target_delta=client.delta, population_size=config.data.num_sites,
@@ -215,7 +241,7 @@ class ClientDPFedAvg(Bookkeeping, DifferentialPrivacyServerSideFixedClipping):
         ))
         inner = FedAvg(weighted_by_key="client-weight", **fedavg)
         super().__init__(inner, client.noise_multiplier, client.clipping_norm, sampled, accountant=accountant)
-        self.init_bookkeeping(recorder, adapter_keys)
+        self.init_bookkeeping(recorder, adapter_keys, anchors, run_id)
         self.ledger = SiteLedger(recorder.run_dir / "ledger-federation", CLIENT_LEDGER)
         for entry in self.ledger.verify():  # a resumed run continues the same accountant
             self.accountant.compose(GaussianPrivacyEvent(
@@ -240,7 +266,9 @@ class ClientDPFedAvg(Bookkeeping, DifferentialPrivacyServerSideFixedClipping):
         return arrays, metrics
 
 
-def build_strategy(config: ExperimentConfig, recorder: RunRecorder, adapter_keys: list[str]):
+def build_strategy(config: ExperimentConfig, recorder: RunRecorder, adapter_keys: list[str],
+                   anchors: AnchorLog | None = None, run_id: str = ""):
+    """The run's strategy; ``anchors`` (DP-SGD runs) is the coordinator's log of the sites' ledger heads."""
     fed = config.federation
     fedavg = dict(
         fraction_train=fed.fraction_train,
@@ -251,12 +279,13 @@ def build_strategy(config: ExperimentConfig, recorder: RunRecorder, adapter_keys
         # waits for every site once, before the first round (federation.site_wait_s)
         min_available_nodes=fed.min_train_sites,
     )
+    bookkeeping = {"anchors": anchors if config.privacy.sample_level else None, "run_id": run_id}
     if config.privacy.client_level:
         sampled = max(int(config.data.num_sites * fed.fraction_train), fed.min_train_sites)
-        return ClientDPFedAvg(recorder, adapter_keys, config, sampled, **fedavg)
+        return ClientDPFedAvg(recorder, adapter_keys, config, sampled, **bookkeeping, **fedavg)
     if config.lora.stacked:
-        return StackedLoraFedAvg(recorder, adapter_keys, **fedavg)
-    return AdapterFedAvg(recorder, adapter_keys, **fedavg)
+        return StackedLoraFedAvg(recorder, adapter_keys, **bookkeeping, **fedavg)
+    return AdapterFedAvg(recorder, adapter_keys, **bookkeeping, **fedavg)
 
 
 def progress_line(entry: dict, rounds: int) -> str:

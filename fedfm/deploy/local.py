@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from fedfm.appconfig import APP_DIR
-from fedfm.config import ExperimentConfig
+from fedfm.config import ConfigError, ExperimentConfig
 from fedfm.deploy.init import CONNECTION, Deployment, init_deployment, write_connection
 
 
@@ -169,29 +169,53 @@ class LocalDeployment:
         raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
 
 
-def site_node_config(config: ExperimentConfig, site: int, ledger_dir: Path) -> dict[str, str | int | float]:
+def site_node_config(config: ExperimentConfig, site: int, ledger_dir: Path,
+                     signing_key: Path | None = None) -> dict[str, str | int | float]:
+    """Site ``site``'s node config; ``signing_key``: the SuperNode's private key, which signs its ledger."""
     node: dict[str, str | int | float] = {"site-id": site, "ledger-dir": str(ledger_dir)}
+    if signing_key is not None:
+        node["signing-key"] = str(signing_key)
     if config.data.path:
         node["data-path"] = config.data.path
     return node
 
 
-def deploy_local(config: ExperimentConfig, out: str | None = None, verbose: bool = False) -> Path:
-    """Run ``config`` as a local deployment: one SuperNode per site, TLS and authentication on."""
+def deploy_local(config: ExperimentConfig, out: str | None = None, verbose: bool = False,
+                 state: str | Path | None = None) -> Path:
+    """Run ``config`` as a local deployment: one SuperNode per site, TLS and authentication on.
+
+    ``state`` is a folder that outlives runs (what the hospitals' and the coordinator's volumes are
+    in a real deployment): the deployment's keys (``state/deployment``), each site's ledger
+    (``state/ledger``) and the coordinator's anchor log (``state/anchors``). A second run with the same
+    folder continues every site's spend and is checked against every head anchored before."""
     from fedfm.simulate import prepare_run_dir, write_run_config
 
     run_dir = prepare_run_dir(config, out)
     sites = list(range(config.data.num_sites))
     print(f"[fedfm] deployment: {len(sites)} sites, TLS + node authentication -> {run_dir}", flush=True)
-    dep = init_deployment(run_dir / "deployment", sites=len(sites))
+    root = Path(state).expanduser().resolve() if state else run_dir
+    dep_dir = root / "deployment"
+    dep = Deployment(dep_dir) if (dep_dir / "certs" / "ca.key").is_file() else init_deployment(dep_dir, sites=len(sites))
+    missing = [s for s in sites if not dep.private_key(s).is_file()]
+    if missing:
+        raise ConfigError(f"--state {root}: its deployment has keys for sites {dep.sites}, not for {missing}; "
+                          "pass data.num_sites as before, or a new --state folder")
+    ledger_dir = root / "ledger"
+    anchor_dir = root / "anchors" if state else None
+    if state:
+        ledger_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "ledger").symlink_to(ledger_dir, target_is_directory=True)  # the run's view of the sites' ledgers
+        print(f"[fedfm] state (keys, site ledgers, anchor log) in {root}; audit every run on it with: fedfm audit "
+              f"{ledger_dir} --keys {dep.root / 'keys'} --anchors {anchor_dir}", flush=True)
     with LocalDeployment(dep, run_dir / "deployment", config.train.threads) as local:
         local.start_superlink()
         for site in sites:
             local.register(site)
-            local.start_supernode(site, site_node_config(config, site, run_dir / "ledger"))
+            local.start_supernode(site, site_node_config(config, site, ledger_dir, dep.private_key(site)))
         local.wait_online(sites)
         print(f"[fedfm] SuperLink on 127.0.0.1:{local.port}, {len(sites)} sites online", flush=True)
-        code = local.run_app(write_run_config(config, run_dir), run_dir / "flwr.log", verbose)
+        run_config = write_run_config(config, run_dir, anchor_dir=anchor_dir)
+        code = local.run_app(run_config, run_dir / "flwr.log", verbose)
     results = run_dir / "results.json"
     status = json.loads(results.read_text()).get("status") if results.exists() else None
     if code != 0 or status != "complete":

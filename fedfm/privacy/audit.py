@@ -32,6 +32,7 @@ from dp_accounting import pld, rdp
 from opacus.accountants import RDPAccountant
 
 from fedfm.privacy.accountant import SiteAccountant
+from fedfm.privacy.anchors import ANCHOR_LOG, AnchorLog, check_ledger, verify_log
 from fedfm.privacy.ledger import LedgerError, SiteLedger, batch_of
 from fedfm.privacy.signing import KEYS_DIR, SigningError, load_public_key, public_key_id, verify_signature
 
@@ -60,6 +61,8 @@ class SiteAudit:
     history: list[dict[str, Any]] = field(default_factory=list)
     label_counts: dict[str, Any] | None = None  # the site's noisy label-count release, if it made one
     signatures: str | None = None  # what the signature check found
+    anchors: str | None = None  # what the check against the coordinator's anchor log found
+    runs: list[dict[str, Any]] = field(default_factory=list)  # the runs the ledger spans, in order
     empirical: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -157,6 +160,7 @@ def audit_ledger(ledger: SiteLedger, keys_dir: Path | None = None) -> SiteAudit:
         for e in entries
     ]
     _check_entries(entries, report)
+    report.runs = runs_of(entries)
     report.epsilons = {**opacus_epsilons(entries, delta), **dp_accounting_epsilons(entries, delta)}
     _check_agreement(report)
     return report
@@ -191,10 +195,27 @@ def _check_signatures(ledger: SiteLedger, entries: list[dict[str, Any]], keys_di
         report.signatures = f"every entry verifies with {key_path}"
 
 
+def runs_of(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs a site's ledger spans, in order: run id, config hash, entries, rounds, epsilon after."""
+    runs: list[dict[str, Any]] = []
+    for number, entry in enumerate(entries, start=1):
+        key = (entry.get("run_id"), entry.get("config_hash"))
+        if not runs or (runs[-1]["run_id"], runs[-1]["config_hash"]) != key:
+            runs.append({"run_id": key[0], "config_hash": key[1], "first_entry": number, "entries": 0, "rounds": 0,
+                         "epsilon_after": 0.0})
+        runs[-1]["entries"] += 1
+        runs[-1]["rounds"] += 0 if is_release(entry) else 1
+        runs[-1]["epsilon_after"] = float(entry["epsilon"])
+    return runs
+
+
 def _check_entries(entries: list[dict[str, Any]], report: SiteAudit) -> None:
     accountant_names = {e.get("accountant") for e in entries}
     releases = 0
     for number, entry in enumerate(entries, start=1):
+        if entry.get("site", report.site) != report.site:
+            report.problems.append(f"{report.site} entry {number} (round {entry.get('round')}) was written by "
+                                   f"{entry.get('site')}: a ledger copied from another site")
         unamplified = entry.get("sampling") == "no-amplification" and float(entry["sample_rate"]) == 1.0
         if entry.get("kind") not in KINDS:
             report.problems.append(f"entry {number} (round {entry['round']}): unknown kind {entry.get('kind')!r}")
@@ -266,16 +287,18 @@ def find_client_level_ledger(path: str | Path) -> SiteLedger | None:
     return SiteLedger(folder, "client-level") if (folder / "client-level.jsonl").exists() else None
 
 
-def audit_run(path: str | Path, canaries: int = 0, seed: int = 0, keys: str | Path | None = None) -> list[SiteAudit]:
+def audit_run(path: str | Path, canaries: int = 0, seed: int = 0, keys: str | Path | None = None,
+              anchors: str | Path | None = None) -> list[SiteAudit]:
     """Audit every ledger under ``path``; with ``canaries`` > 0 also replay each site with canaries.
 
     ``keys`` is a folder of the sites' public keys (``<site>.pub``, e.g. those registered at the
-    coordinator); default: ``keys/`` beside the ledgers (simulation)."""
+    coordinator); default: ``keys/`` beside the ledgers (simulation). ``anchors`` is the folder of
+    the coordinator's anchor log; default: the run's ``ledger-federation/`` when it has one."""
     ledgers = find_ledgers(path)
     federation = find_client_level_ledger(path)
     if not ledgers and federation is None:
         raise FileNotFoundError(f"no ledgers (*.jsonl) in {path} or {Path(path) / 'ledger'}")
-    keys_dir = Path(keys) if keys is not None else (ledgers[0].path.parent / KEYS_DIR if ledgers else None)
+    keys_dir = Path(keys) if keys is not None else default_keys_dir(Path(path), ledgers)
     audits = [audit_ledger(ledger, keys_dir) for ledger in ledgers]
     if canaries > 0:
         config = _run_config(Path(path))
@@ -285,7 +308,70 @@ def audit_run(path: str | Path, canaries: int = 0, seed: int = 0, keys: str | Pa
     if federation is not None:
         audits.append(audit_ledger(federation))
     cross_check_results(Path(path), audits)
+    anchor_dir = Path(anchors) if anchors is not None else Path(path) / "ledger-federation"
+    if anchors is not None or (anchor_dir / f"{ANCHOR_LOG}.jsonl").is_file():
+        # a run folder must hold every anchored site's ledger; a site's own ledger folder only its own
+        every_site = (Path(path) / "ledger").is_dir()
+        cross_check_anchors(AnchorLog(anchor_dir, sign=False), ledgers, audits, keys_dir, every_site)
     return audits
+
+
+def cross_check_anchors(log: AnchorLog, ledgers: list[SiteLedger], audits: list[SiteAudit],
+                        keys_dir: Path | None, every_site: bool = True) -> None:
+    """Each site's ledger against the heads the coordinator anchored for it (truncation, rollback,
+    deleted, reordered or rewritten entries, a ledger of another site, heads not signed by the site)."""
+    if not log.exists():
+        missing = SiteAudit(site="coordinator")
+        missing.problems.append(f"no anchor log {log.path}: pass --anchors with the coordinator's log folder")
+        audits.append(missing)
+        return
+    heads, problems = verify_log(log)
+    by_site = {a.site: a for a in audits}
+    if problems:
+        broken = SiteAudit(site="coordinator")
+        broken.problems.extend(problems)
+        audits.append(broken)
+    ledger_of = {ledger.site: ledger for ledger in ledgers}
+    for site in dict.fromkeys(head.site for _, head in heads):
+        count = sum(1 for _, head in heads if head.site == site)
+        audit = by_site.get(site)
+        if site not in ledger_of and not every_site:
+            continue  # another site's heads, in an audit of one site's ledger folder
+        if audit is None or site not in ledger_of:
+            audit = audit or SiteAudit(site=site)
+            audit.problems.append(f"the coordinator anchored {count} heads of {site} ({log.path}), but {site} has no "
+                                  "ledger: it was deleted or moved")
+            if site not in by_site:
+                audits.append(audit)
+            continue
+        try:
+            entries = ledger_of[site].entries()
+        except LedgerError as err:
+            audit.problems.append(str(err))
+            continue
+        key_path = None if keys_dir is None else keys_dir / f"{site}.pub"
+        public = None
+        if key_path is not None and key_path.is_file():
+            try:
+                public = load_public_key(key_path)
+            except SigningError:
+                public = None  # already reported by the signature check
+        found = check_ledger(site, entries, heads, public)
+        audit.problems.extend(found)
+        if not found:
+            audit.anchors = f"contains all {count} heads the coordinator anchored ({log.path})"
+
+
+def default_keys_dir(path: Path, ledgers: list[SiteLedger]) -> Path | None:
+    """The public keys a run's signatures are checked with when ``--keys`` is not given: the
+    simulation keys beside the ledgers, else the keys registered for a local deployment
+    (``RUN_DIR/deployment/keys``, fedfm deploy local). A privacy officer passes ``--keys`` with the
+    keys registered at the coordinator, not ones found next to the files being audited."""
+    beside = ledgers[0].path.parent / KEYS_DIR if ledgers else None
+    if beside is not None and beside.is_dir():
+        return beside
+    registered = path / "deployment" / "keys"
+    return registered if registered.is_dir() else beside
 
 
 def cross_check_results(run_dir: Path, audits: list[SiteAudit]) -> None:
@@ -411,6 +497,13 @@ def audit_markdown(audits: list[SiteAudit], libraries: dict[str, str]) -> str:
                 "the holder of the site's private key and not changed since; with the results.json cross-check it "
                 "catches truncation, rollback and rewriting by anyone else. It does not prove the site added the "
                 "noise it records: that is what the canary audit (--canaries) tests.",
+                f"- Anchors: {a.anchors or 'not checked (no coordinator anchor log given)'}. Every head the site sent "
+                "with a training reply is in the coordinator's signed log, so a ledger cut back, rolled back, reordered "
+                "or rewritten after the fact (even by the site itself, with its own key) no longer contains it. "
+                "Anchors cannot show rounds the site trained but never reported.",
+                *(["- Runs on this ledger (lifetime budget): "
+                   + "; ".join(f"run {r['run_id'] or '?'} (config {str(r['config_hash'] or '?')[:12]}): {r['rounds']} rounds, "
+                               f"epsilon {r['epsilon_after']:.3f} after it" for r in a.runs)] if len(a.runs) > 1 else []),
                 "",
                 "| method | epsilon |",
                 "|---|---|",

@@ -15,7 +15,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -50,6 +50,10 @@ class EntrySigner:
             raise SigningError(f"{path}: an EC key is needed (fedfm deploy writes SECP384R1 keys)")
         return cls(key)
 
+    @property
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._key.public_key()
+
     def sign(self, entry_hash: str) -> str:
         return base64.b64encode(self._key.sign(bytes.fromhex(entry_hash), ec.ECDSA(hashes.SHA384()))).decode()
 
@@ -70,6 +74,10 @@ class LazySigner:
     @property
     def key_id(self) -> str:
         return self._get().key_id
+
+    @property
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._get().public_key
 
     def sign(self, entry_hash: str) -> str:
         return self._get().sign(entry_hash)
@@ -113,7 +121,7 @@ def load_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
     try:
         kind, body = path.read_bytes().split()[:2]  # "<type> <base64> [comment]"
         key = serialization.load_ssh_public_key(kind + b" " + body)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, UnsupportedAlgorithm) as err:
         raise SigningError(f"{path}: not an OpenSSH public key ({err})") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise SigningError(f"{path}: an EC public key is needed")

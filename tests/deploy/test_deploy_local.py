@@ -167,3 +167,41 @@ def test_coordinator_restart_resumes_from_its_checkpoint_with_ledgers_intact(tmp
         assert results["sites"][name]["epsilon"] == entries[-1]["epsilon"]
     # epsilon continues exactly: an independent recomputation over the whole ledger agrees
     assert all(a.passed for a in audit_run(run_dir))
+
+
+def test_consecutive_deployments_on_the_same_site_state_continue_each_sites_epsilon(tmp_path, capsys):
+    state = tmp_path / "state"
+    base = ["deploy", "local", "--sites", "2", "--state", str(state), "--set", "federation.rounds=1",
+            "--set", "privacy.noise_multiplier=1.0", "--set", "privacy.accountant=rdp", "--set", "train.class_balance=none"]
+    for item in TINY:
+        base += ["--set", item]
+    assert main([*base, "--out", str(tmp_path / "first"), "--set", "privacy.budget.epsilon=100"]) == 0
+    assert main([*base, "--out", str(tmp_path / "second"), "--set", "privacy.budget.epsilon=100"]) == 0
+    first = json.loads((tmp_path / "first" / "results.json").read_text())["sites"]
+    second = json.loads((tmp_path / "second" / "results.json").read_text())["sites"]
+    for name in ("site-0", "site-1"):
+        entries = SiteLedger(state / "ledger", name).verify()
+        assert len(entries) == 2 and len({e["run_id"] for e in entries}) == 2  # one ledger, two runs
+        assert entries[0]["epsilon"] == first[name]["epsilon"] and entries[1]["epsilon"] == second[name]["epsilon"]
+        assert second[name]["epsilon"] > first[name]["epsilon"]  # the second run continued the spend
+    capsys.readouterr()
+    audit = ["audit", str(state / "ledger"), "--keys", str(state / "deployment" / "keys"), "--anchors", str(state / "anchors")]
+    assert main(audit) == 0
+    assert "2 runs on this ledger" in capsys.readouterr().out
+    # a lifetime budget the two runs have spent: every site refuses the third run's round
+    spent = max(s["epsilon"] for s in second.values())
+    assert main([*base, "--out", str(tmp_path / "third"), "--set", f"privacy.budget.epsilon={spent + 0.01}"]) == 0
+    third = json.loads((tmp_path / "third" / "results.json").read_text())
+    assert third["rounds"][0]["participants"] == [] and len(third["rounds"][0]["refused"]) == 2
+    assert all("refuses the round" in reason for reason in third["rounds"][0]["refused"].values())
+    assert all(len(SiteLedger(state / "ledger", n).verify()) == 2 for n in ("site-0", "site-1"))
+    # cut site-0's ledger back to its first run: the audit names it against the anchors, and the site refuses
+    path = state / "ledger" / "site-0.jsonl"
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+    capsys.readouterr()
+    assert main(audit) == 1
+    assert "site-0: the head anchored in round 1 is not in the ledger: the ledger has 1 entries" in capsys.readouterr().out
+    assert main([*base, "--out", str(tmp_path / "fourth"), "--set", "privacy.budget.epsilon=100"]) == 0
+    fourth = json.loads((tmp_path / "fourth" / "results.json").read_text())
+    assert fourth["rounds"][0]["participants"] == ["site-1"]
+    assert "site-0 refuses to train: the ledger has 1 entries" in " ".join(fourth["rounds"][0]["refused"].values())

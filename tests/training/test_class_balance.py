@@ -291,7 +291,7 @@ def test_none_releases_nothing_and_trains_as_before(tmp_path):
     adapter = _global(config)
     reply = site.train(adapter, 1)
     (entry,) = site.ledger.verify()
-    assert set(entry) - {"signature", "key_id"} == OLD_ENTRY_KEYS  # one DP-SGD entry, as before (now signed)
+    assert set(entry) - {"signature", "key_id", "run_id", "config_hash"} == OLD_ENTRY_KEYS  # one DP-SGD entry, as before (now signed, with its run)
     assert reply.metrics["class-weighted"] == 0 and reply.metrics["class-weights"] == [1.0, 1.0]
     model = site.fresh_model(adapter)  # the round as train_round ran it before class balance existed
     trained, split = site.runnable(model, "train")
