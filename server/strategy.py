@@ -111,7 +111,8 @@ class Bookkeeping:
                 self._refused[node] = msg.error.reason or f"error code {msg.error.code}"
                 log.warning("round %d: %s did not train: %s", server_round, node, self._refused[node])
                 continue
-            problem = self.reply_problem(msg.content) or self.anchor(server_round, msg.content)
+            anchored = self.anchor(server_round, msg.content)  # a site that trained spent privacy, even if its update is rejected
+            problem = self.reply_problem(msg.content) or anchored
             if problem:
                 self._refused[node] = f"rejected: {problem}"
                 log.warning("round %d: reply of %s rejected: %s", server_round, node, problem)

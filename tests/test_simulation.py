@@ -16,6 +16,7 @@ from fedfm.privacy.accountant import SiteAccountant, StepBatch
 from fedfm.models import ModelSpec
 from fedfm.models.registry import build_backbone
 from fedfm.models.stacking import global_model
+from fedfm.privacy.audit import audit_run
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.simulate import LOCAL_SUPERLINK_PORT, _port_open, local_superlink_pids
 from fedfm.training.local import plan_steps
@@ -156,6 +157,11 @@ def test_a_run_paused_after_round_k_and_resumed_equals_an_unbroken_run(tmp_path)
         assert resumed["sites"][name]["epsilon"] == unbroken["sites"][name]["epsilon"]
     assert resumed["pooled"] == unbroken["pooled"]  # same adapter, same predictions
     assert resumed["communication"] == unbroken["communication"]
+    # the resumed run's anchor log holds the heads of both parts, and every check stays green
+    anchored = [json.loads(line)["round"] for line in (out / "ledger-federation" / "anchors.jsonl").read_text().splitlines()]
+    assert anchored == [1, 1, 2, 2, 3, 3]
+    audits = audit_run(out)
+    assert all(a.passed for a in audits) and all(a.anchors.startswith("contains all 3 heads") for a in audits)
 
 
 def test_a_held_out_site_never_trains_and_is_evaluated_as_unseen(tmp_path):

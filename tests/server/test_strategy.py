@@ -125,3 +125,39 @@ def test_stacked_strategy_rejects_a_wrong_rank_and_stacks_the_rest(tmp_path):
     assert a.shape[0] == min(2 + 4, a[0].numel(), b.shape[0])  # ranks 2 + 4, unless the layer is narrower
     head = next(k for k in stacked if "lora_" not in k)
     assert torch.allclose(stacked[head], torch.full_like(stacked[head], (30 * 0.1 + 10 * 0.2) / 40))
+
+
+def test_train_replies_are_anchored_and_a_missing_or_backward_head_is_rejected(tmp_path):
+    from flwr.app import ConfigRecord
+
+    from fedfm.privacy.anchors import AnchorLog
+    from fedfm.privacy.heads import REPLY_KEY, head_of
+    from fedfm.privacy.ledger import SiteLedger
+    from fedfm.privacy.signing import simulation_signer
+
+    config = load_config(None, ["data.num_sites=2", "data.samples_per_site=60", "data.image_size=16"])
+    model = build_global_model(config)
+    recorder = RunRecorder(config, tmp_path / "run", model, full_model_bytes(model))
+    adapter = adapter_state_dict(model)
+    anchors = AnchorLog(tmp_path / "anchors")
+    strategy = build_strategy(config, recorder, list(adapter), anchors, run_id="9")
+    ledger = SiteLedger(tmp_path / "ledger", "site-0", simulation_signer(tmp_path / "ledger", "site-0"))
+    heads = []
+    for number in (1, 2):
+        ledger.append({"round": number, "epsilon": float(number)})
+        heads.append(head_of("site-0", ledger.verify(), ledger.signer))
+
+    def reply(head, node=1):
+        content = _content(adapter, 0, 10)
+        if head is not None:
+            content[REPLY_KEY] = ConfigRecord(head.to_dict())
+        return _Reply(content, node)
+
+    kept = strategy.screen(2, [reply(heads[1])])
+    assert len(kept) == 1 and REPLY_KEY not in kept[0].content  # anchored, then taken out before averaging
+    assert anchors.last_for("site-0") == heads[1] and anchors.heads()[0][0]["run_id"] == "9"
+    assert strategy.screen(3, [reply(None)]) == []
+    assert "must carry its signed ledger head" in strategy._refused["node 1"]
+    assert strategy.screen(3, [reply(heads[0])]) == []  # the ledger went back from 2 entries to 1
+    assert "site-0 sent a ledger head at 1 entries (epsilon 1.000000) after the coordinator anchored 2" in strategy._refused["node 1"]
+    assert len(anchors.heads()) == 1
