@@ -132,12 +132,17 @@ def read_trial(run_dir: Path, candidate: Candidate) -> Trial:
     )
 
 
+def scored(trials: list[Trial]) -> list[Trial]:
+    """The trials that finished with a validation AUROC (a diverged one has none)."""
+    return [t for t in trials if t.val_auroc is not None and t.status == "complete"]
+
+
 def select(trials: list[Trial]) -> Trial:
     """The trial with the highest validation AUROC (the first of ties); trials without one lose."""
-    scored = [t for t in trials if t.val_auroc is not None and t.status == "complete"]
-    if not scored:
+    finished = scored(trials)
+    if not finished:
         raise RuntimeError("no trial finished with a validation AUROC: nothing to choose from")
-    return max(scored, key=lambda t: (t.val_auroc, -t.number))
+    return max(finished, key=lambda t: (t.val_auroc, -t.number))
 
 
 def trial_dir(out: Path, number: int) -> Path:
@@ -173,6 +178,8 @@ def run_trial(config: ExperimentConfig, method: str, folder: Path, ledger: Path,
         part = config if method == "federated" else baseline_config(config, "federated_nodp")
         run_simulation(part, str(folder), verbose=verbose, resume=again, ledger_dir=ledger if method == "federated" else None)
         return folder
+    if resume and _complete(folder / method):
+        return folder / method
     run_in_process_baselines(config, [method], folder)
     return folder / method
 
@@ -209,13 +216,19 @@ def run_tuning(config: ExperimentConfig, grid: dict[str, list[Any]], out: str | 
             write_tuning(out, state)
             print(f"[fedfm] tune: {method} trial {candidate.number + 1} validation AUROC {trial.val_auroc} "
                   f"({trial.val_auroc_kind}), {time.time() - started:.0f} s", flush=True)
+        if method != "federated" and not scored(state.trials[method]):
+            print(f"[fedfm] tune: {method}: no candidate finished with a validation AUROC (every one diverged): "
+                  "left out of the test study, shown as diverged in the report", flush=True)
+            write_tuning(out, state)
+            continue
         state.chosen[method] = select(state.trials[method])
         write_tuning(out, state)
         chosen = state.chosen[method]
         print(f"[fedfm] tune: {method} chose trial {chosen.number + 1} {chosen.values} "
               f"(validation AUROC {chosen.val_auroc:.4f})", flush=True)
     final = final_config(config, found[state.chosen["federated"].number], runs)
-    final.eval.baseline_overrides = {m: found[state.chosen[m].number].overrides for m in methods if m != "federated"}
+    final.eval.baselines = [m for m in final.eval.baselines if m in state.chosen]
+    final.eval.baseline_overrides = {m: found[state.chosen[m].number].overrides for m in final.eval.baselines}
     if _complete(out) and not (final.eval.baselines or final.eval.seeds):
         return out
     print("[fedfm] tune: the chosen values, once, with the test split", flush=True)
@@ -249,7 +262,9 @@ def write_tuning(out: Path, state: SearchState) -> Path:
         "chosen_values": None if fed is None else fed.values,
         "methods": {m: {"trials": [asdict(t) for t in ts],
                         "chosen": state.chosen[m].number if m in state.chosen else None,
-                        "chosen_values": state.chosen[m].values if m in state.chosen else None}
+                        "chosen_values": state.chosen[m].values if m in state.chosen else None,
+                        # every candidate finished without a validation AUROC: not run on test
+                        "diverged": bool(ts) and not scored(ts)}
                     for m, ts in state.trials.items()},
     }
     tmp = path.with_suffix(".tmp")

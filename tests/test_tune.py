@@ -114,3 +114,27 @@ def test_random_search_bound_matches_the_theorem_for_identical_trials(tmp_path):
     expected = ps_epsilon(sigma, q, steps * rounds, 1e-5, "tnb", eta=1.0, gamma=0.2)
     assert spent["ps_epsilon"] == pytest.approx(expected.epsilon, rel=1e-9)
     assert spent["ps_epsilon"] < spent["epsilon_total"]  # the bound is sharper than composing 3 trials
+
+
+def test_a_baseline_that_diverges_at_every_candidate_is_left_out_of_the_test_study(tmp_path, monkeypatch):
+    import fedfm.study
+    import fedfm.tune as tune
+
+    aurocs = {"federated": [0.8, 0.9], "centralized_nodp": [None, None], "federated_nodp": [0.7, 0.6]}
+
+    def fake_trial(config, method, folder, ledger, verbose, resume):
+        number = int(folder.name.split("-")[-1])
+        _write_run(folder, val_auroc=aurocs[method][number], test_auroc=0.5)
+        return folder
+
+    studied = {}
+    monkeypatch.setattr(tune, "run_trial", fake_trial)
+    monkeypatch.setattr(fedfm.study, "run_study", lambda config, out, verbose, resume: studied.setdefault("config", config))
+    config = load_config(None, ["eval.baselines=[centralized_nodp, federated_nodp]"])
+    tune.run_tuning(config, {"train.lr": [0.001, 0.005]}, tmp_path / "study")
+    final = studied["config"]
+    assert final.eval.baselines == ["federated_nodp"] and final.train.lr == 0.005
+    assert final.eval.baseline_overrides == {"federated_nodp": ["train.lr=0.001"]}
+    methods = json.loads((tmp_path / "study" / "tuning.json").read_text())["methods"]
+    assert methods["centralized_nodp"]["diverged"] and methods["centralized_nodp"]["chosen"] is None
+    assert not methods["federated_nodp"]["diverged"] and methods["federated_nodp"]["chosen"] == 0

@@ -222,9 +222,12 @@ def tuning_table(run: dict[str, Any]) -> Table | None:
     spent = "; ".join(f"{site}: {p['runs']} runs, epsilon {num(p['epsilon_total'], 3)}"
                       + (f" (random-count bound {num(p['ps_epsilon'], 3)})" if p.get("ps_epsilon") is not None else "")
                       for site, p in privacy.items())
+    diverged = [BASELINE_LABELS.get(m, m) for m, search in methods.items() if search.get("diverged")]
+    left_out = (f" Not run on test, every candidate diverged (no validation AUROC): {', '.join(diverged)}."
+                if diverged else "")
     return Table("Hyperparameter search (validation only)",
                  ["method", "trial", *keys, "validation AUROC", "validation ECE", "wall s"], rows,
-                 f"{tuning['selection']}; each method chose among the same candidates on its own. Every federated trial "
+                 f"{tuning['selection']}; each method chose among the same candidates on its own.{left_out} Every federated trial "
                  f"trained on the same private data: the sites' ledgers compose all of them with the final run "
                  f"(privacy.runs_in_budget = {tuning['runs_in_budget']}). Spent per site: {spent}.")
 
