@@ -2,8 +2,10 @@
 
 ``[tool.flwr.app.config]`` carries ``config`` (a YAML path, relative to the app folder),
 ``overrides`` (``section.key=value`` items separated by ``;``), ``config-json`` (a fully
-resolved config, which wins when non-empty) and ``out-dir``. A site's node config may carry
-``site-id``, ``data-path``, ``ledger-dir`` and ``budget-epsilon``; simulation supplies
+resolved config, which wins when non-empty), ``out-dir`` and, in deployment, ``anchor-dir`` (the
+coordinator's log of the sites' ledger heads). A site's node config may carry ``site-id``,
+``data-path``, ``ledger-dir``, ``budget-epsilon``, ``signing-key`` (the private key that signs its
+ledger) and ``heads-dir`` (where it keeps its last signed head); simulation supplies
 ``partition-id`` instead of ``site-id``.
 """
 
