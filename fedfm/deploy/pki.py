@@ -14,8 +14,10 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedfm.privacy.signing import write_key_pair
 
 VALID_DAYS = 365
 
@@ -92,15 +94,7 @@ def make_server_cert(folder: Path, names: list[str]) -> tuple[Path, Path]:
 
 def make_node_keys(folder: Path, site: str) -> tuple[Path, Path]:
     """``<site>`` (private, OpenSSH, stays at the hospital) and ``<site>.pub`` (registered at the coordinator)."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    folder.mkdir(parents=True, exist_ok=True)
-    private = folder / site
-    _write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                              serialization.NoEncryption()))
-    public = folder / f"{site}.pub"
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-                       + f" {site}\n".encode())
-    return private, public
+    return write_key_pair(folder, site)
 
 
 def certificate_names(cert_path: Path) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedfm.privacy.ledger import _atomic_write
+from fedfm.privacy.ledger import atomic_write
 from fedfm.privacy.signing import verify_signature
 
 HEADS_DIR = "heads"  # <ledger_dir>/heads/<site>.json unless the site names another folder
@@ -95,7 +95,7 @@ class HeadStore:
                                    "the ledger it belongs to") from None
 
     def save(self, head: LedgerHead) -> None:
-        _atomic_write(self.path, json.dumps(head.to_dict(), sort_keys=True) + "\n")
+        atomic_write(self.path, json.dumps(head.to_dict(), sort_keys=True) + "\n")
 
     def check(self, entries: list[dict[str, Any]], public_key=None) -> None:
         """Raise :class:`LedgerRolledBack` when ``entries`` do not extend the last signed head."""

@@ -78,7 +78,7 @@ class SiteLedger:
         if self.signer is not None:
             entry["signature"] = self.signer.sign(entry["hash"])
         lines = [json.dumps(e, sort_keys=True) for e in [*entries, entry]]
-        _atomic_write(self.path, "\n".join(lines) + "\n")
+        atomic_write(self.path, "\n".join(lines) + "\n")
         return entry
 
 
@@ -86,7 +86,7 @@ def batch_of(entry: dict[str, Any]) -> StepBatch:
     return StepBatch(float(entry["noise_multiplier"]), float(entry["sample_rate"]), int(entry["steps"]))
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

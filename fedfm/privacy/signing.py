@@ -90,30 +90,37 @@ def site_signer(ledger_dir: str | Path, site: str, signing_key: str | Path | Non
     return LazySigner(lambda: simulation_signer(ledger_dir, site))
 
 
+def write_key_pair(folder: str | Path, name: str) -> tuple[Path, Path]:
+    """An EC SECP384R1 key pair as ``<folder>/<name>`` (OpenSSH private key, mode 0600) and
+    ``<name>.pub`` (OpenSSH public key, what the coordinator registers). When several processes
+    make the same pair at once, the first writer wins and every one gets that pair."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    private, public = folder / name, folder / f"{name}.pub"
+    key = ec.generate_private_key(ec.SECP384R1())
+    tmp = folder / f".{name}.{os.getpid()}.tmp"
+    tmp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                      serialization.NoEncryption()))
+    os.chmod(tmp, 0o600)
+    try:
+        os.link(tmp, private)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    if not public.is_file():
+        raw = EntrySigner.from_file(private).public_key.public_bytes(serialization.Encoding.OpenSSH,
+                                                                      serialization.PublicFormat.OpenSSH)
+        public.write_bytes(raw + f" {name}\n".encode())
+    return private, public
+
+
 def simulation_signer(ledger_dir: str | Path, site: str) -> EntrySigner:
     """The site's key pair in ``<ledger_dir>/keys/`` (created on first use): simulation only."""
     folder = Path(ledger_dir) / KEYS_DIR
-    private = folder / site
-    if not private.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        key = ec.generate_private_key(ec.SECP384R1())
-        tmp = folder / f".{site}.{os.getpid()}.tmp"
-        tmp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()))
-        os.chmod(tmp, 0o600)
-        try:
-            os.link(tmp, private)  # first writer wins when several processes start the same site
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-        signer = EntrySigner.from_file(private)
-        public = folder / f"{site}.pub"
-        if not public.is_file():
-            raw = signer._key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-            public.write_bytes(raw + f" {site}\n".encode())
-        return signer
-    return EntrySigner.from_file(private)
+    if not (folder / site).is_file():
+        write_key_pair(folder, site)
+    return EntrySigner.from_file(folder / site)
 
 
 def load_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
