@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="experiment YAML (default: configs/quickstart.yaml)")
     tune.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2",
                       help="values to try for one config key, e.g. --grid train.lr=0.01,0.03 (repeatable: every combination runs)")
+    tune.add_argument("--method-grid", action="append", default=[], metavar="METHOD:SECTION.KEY=V1,V2",
+                      help="one method's own values for a key, same count as in --grid, e.g. "
+                           "--method-grid centralized_nodp:train.lr=0.001,0.003 (non-private SGD needs smaller steps)")
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="override one config value for every candidate (repeatable)")
     tune.add_argument("--out", default=None, help="search folder, also the final run's (default: runs/<output.name>-tune-<timestamp>)")
@@ -88,16 +91,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from datetime import datetime
 
     from fedfm.models.registry import check_backbone
-    from fedfm.tune import parse_grid, run_tuning
+    from fedfm.tune import parse_grid, parse_method_grids, run_tuning
 
     config = load_config(args.config, args.overrides)
     grid = parse_grid(args.grid)
+    method_grids = parse_method_grids(args.method_grid, grid, ["federated", *config.eval.baselines])
     if args.resume and not args.out:
         raise ConfigError("--resume continues the search in --out: pass --out RUN_DIR")
     check_backbone(config.model, config.data.spatial_dims or 2)
     out = args.out or str(Path("runs") / f"{config.output.name}-tune-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     run_dir = run_tuning(config, grid, out, verbose=args.verbose, resume=args.resume,
-                         random_trials=args.random_trials, seed=args.seed)
+                         random_trials=args.random_trials, seed=args.seed, method_grids=method_grids)
     print_summary(run_dir)
     return 0
 

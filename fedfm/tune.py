@@ -70,6 +70,36 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     return grid
 
 
+def parse_method_grids(items: list[str], grid: dict[str, list[Any]], methods: list[str]) -> dict[str, dict[str, list[Any]]]:
+    """``--method-grid centralized_nodp:train.lr=0.001,0.003`` items -> {method: its grid}.
+
+    A method's grid is the shared grid with the named keys' values replaced (or keys added). Every
+    method keeps a search of the same size as the shared one, so no method is searched harder than
+    another; values differ where a method needs them to (non-private SGD diverges at learning rates
+    that clipping makes safe for DP-SGD)."""
+    per_method: dict[str, list[str]] = {}
+    for item in items:
+        method, sep, rest = item.partition(":")
+        if not sep or "=" not in rest:
+            raise ConfigError(f"--method-grid '{item}' is not of the form METHOD:section.key=v1,v2 "
+                              "(e.g. --method-grid centralized_nodp:train.lr=0.001,0.003)")
+        if method not in METHODS:
+            raise ConfigError(f"--method-grid '{item}': method '{method}' is not one of {', '.join(METHODS)}")
+        if method not in methods:
+            raise ConfigError(f"--method-grid '{item}': the study has no {method} (methods: {', '.join(methods)}); "
+                              f"add it with --set 'eval.baselines=[..., {method}]' or drop this --method-grid")
+        per_method.setdefault(method, []).append(rest)
+    size = len(candidates(grid))
+    out: dict[str, dict[str, list[Any]]] = {}
+    for method, rests in per_method.items():
+        own = {**grid, **parse_grid(rests)}
+        if len(candidates(own)) != size:
+            raise ConfigError(f"--method-grid {method}: {len(candidates(own))} candidates, the shared --grid has {size}: "
+                              "every method gets a search of the same size (give each key as many values as in --grid)")
+        out[method] = own
+    return out
+
+
 def candidates(grid: dict[str, list[Any]]) -> list[Candidate]:
     keys = list(grid)
     return [Candidate(i, dict(zip(keys, combo))) for i, combo in enumerate(itertools.product(*(grid[k] for k in keys)))]
@@ -184,32 +214,56 @@ def run_trial(config: ExperimentConfig, method: str, folder: Path, ledger: Path,
     return folder / method
 
 
+def with_baseline_values(config: ExperimentConfig, method: str, values: list[str]) -> ExperimentConfig:
+    """``config`` with ``values`` applied to ``method``'s baseline after the config's own
+    eval.baseline_overrides (a searched value wins over a fixed override of the same key)."""
+    if method == "federated" or not values:
+        return config
+    raw = config.model_dump(mode="json")
+    raw["eval"]["baseline_overrides"][method] = [*config.eval.baseline_overrides.get(method, []), *values]
+    return validate_config(raw)
+
+
+def method_candidates(grid: dict[str, list[Any]], random_trials: float | None, seed: int) -> list[Candidate]:
+    return candidates(grid) if random_trials is None else random_candidates(grid, random_trials, seed)
+
+
 def run_tuning(config: ExperimentConfig, grid: dict[str, list[Any]], out: str | Path, verbose: bool = False,
-               resume: bool = False, random_trials: float | None = None, seed: int = 0) -> Path:
+               resume: bool = False, random_trials: float | None = None, seed: int = 0,
+               method_grids: dict[str, dict[str, list[Any]]] | None = None) -> Path:
     """Run every candidate on validation (or, with ``random_trials``, a random number of random
     candidates) for the federated model and for every baseline of the study (each method its own
-    selection over the same candidates), choose per method, then run the study once with the test
-    split: the federated model with its values, each baseline with its own. Returns RUN."""
+    selection over the same candidates, or over its own grid of the same size from
+    ``method_grids``), choose per method, then run the study once with the test split: the
+    federated model with its values, each baseline with its own. Returns RUN."""
     from fedfm.study import run_study
 
     out = Path(out).expanduser().resolve()
-    found = candidates(grid) if random_trials is None else random_candidates(grid, random_trials, seed)
+    methods = ["federated", *config.eval.baselines]
+    grids = {m: (method_grids or {}).get(m, grid) for m in methods}
+    # the same seed draws the same K and the same grid indices for every method (grids of one size)
+    found = {m: method_candidates(grids[m], random_trials, seed) for m in methods}
+    trials_count = len(found["federated"])
     if random_trials is not None:
         print(f"[fedfm] tune: random search, K ~ geometric with mean {random_trials} (seed {seed}): drew K = "
-              f"{len(found)} trials", flush=True)
-    check_candidates(config, found)
+              f"{trials_count} trials", flush=True)
+    runs = trials_count + 1  # every candidate, then the chosen one again with the test split
+    for m in methods:
+        check_candidates(config, found[m])
     if (out / TUNING_FILE).exists() and not resume:
         raise ConfigError(f"--out {out} already holds a search: pass a new --out, or --resume to continue it")
-    methods = ["federated", *config.eval.baselines]
-    runs = len(found) + 1  # every candidate, then the chosen one again with the test split
+    if resume:
+        check_same_search(out, grids)
     out.mkdir(parents=True, exist_ok=True)
-    state = SearchState(grid, runs, random_trials, seed, {m: [] for m in methods}, {})
+    state = SearchState(grid, runs, random_trials, seed, {m: [] for m in methods}, {},
+                        {m: g for m, g in grids.items() if g != grid})
     for method in methods:
-        for candidate in found:
-            print(f"[fedfm] tune: {method} trial {candidate.number + 1}/{len(found)} {candidate.values} "
+        for candidate in found[method]:
+            print(f"[fedfm] tune: {method} trial {candidate.number + 1}/{trials_count} {candidate.values} "
                   "(validation only)", flush=True)
             started = time.time()
-            folder = run_trial(trial_config(config, candidate, runs), method,
+            part = trial_config(with_baseline_values(config, method, candidate.overrides), candidate, runs)
+            folder = run_trial(part, method,
                                method_trial_dir(out, method, candidate.number), out / "ledger", verbose, resume)
             trial = read_trial(folder, candidate)
             state.trials[method].append(trial)
@@ -226,13 +280,29 @@ def run_tuning(config: ExperimentConfig, grid: dict[str, list[Any]], out: str | 
         chosen = state.chosen[method]
         print(f"[fedfm] tune: {method} chose trial {chosen.number + 1} {chosen.values} "
               f"(validation AUROC {chosen.val_auroc:.4f})", flush=True)
-    final = final_config(config, found[state.chosen["federated"].number], runs)
+    final = final_config(config, found["federated"][state.chosen["federated"].number], runs)
     final.eval.baselines = [m for m in final.eval.baselines if m in state.chosen]
-    final.eval.baseline_overrides = {m: found[state.chosen[m].number].overrides for m in final.eval.baselines}
+    final.eval.baseline_overrides = {m: [*config.eval.baseline_overrides.get(m, []), *found[m][state.chosen[m].number].overrides]
+                                     for m in final.eval.baselines}
     if _complete(out) and not (final.eval.baselines or final.eval.seeds):
         return out
     print("[fedfm] tune: the chosen values, once, with the test split", flush=True)
     return run_study(final, str(out), verbose, resume=resume and (out / "checkpoint" / "state.json").is_file())
+
+
+def check_same_search(out: Path, grids: dict[str, dict[str, list[Any]]]) -> None:
+    """--resume keeps finished trials by number: a method whose trials ran over other values would
+    be read as if they were this search's. Such a method fails in one line (its trials must go)."""
+    before = read_tuning(out) or {}
+    for method, grid in grids.items():
+        record = (before.get("methods") or {}).get(method)
+        folder = out / "trials" / method if method != "federated" else out / "trials"
+        if record is None or not folder.is_dir():
+            continue
+        old = record.get("grid", before.get("grid"))
+        if old != json.loads(json.dumps(grid)):
+            raise ConfigError(f"--resume: {method}'s trials in {out} searched {old}, this search asks {grid}: pass the "
+                              f"same --grid / --method-grid, or remove {folder} to search {method} again")
 
 
 @dataclass
@@ -243,6 +313,7 @@ class SearchState:
     seed: int
     trials: dict[str, list[Trial]]  # per method
     chosen: dict[str, Trial]
+    method_grids: dict[str, dict[str, list[Any]]]  # methods searched over their own grid (same size)
 
 
 def write_tuning(out: Path, state: SearchState) -> Path:
@@ -260,7 +331,8 @@ def write_tuning(out: Path, state: SearchState) -> Path:
         "trials": [asdict(t) for t in state.trials.get("federated", [])],
         "chosen": None if fed is None else fed.number,
         "chosen_values": None if fed is None else fed.values,
-        "methods": {m: {"trials": [asdict(t) for t in ts],
+        "methods": {m: {"grid": state.method_grids.get(m, state.grid),
+                        "trials": [asdict(t) for t in ts],
                         "chosen": state.chosen[m].number if m in state.chosen else None,
                         "chosen_values": state.chosen[m].values if m in state.chosen else None,
                         # every candidate finished without a validation AUROC: not run on test

@@ -138,3 +138,83 @@ def test_a_baseline_that_diverges_at_every_candidate_is_left_out_of_the_test_stu
     methods = json.loads((tmp_path / "study" / "tuning.json").read_text())["methods"]
     assert methods["centralized_nodp"]["diverged"] and methods["centralized_nodp"]["chosen"] is None
     assert not methods["federated_nodp"]["diverged"] and methods["federated_nodp"]["chosen"] == 0
+
+
+@pytest.mark.parametrize("items, message", [
+    (["centralized_nodp"], "METHOD:section.key=v1,v2"),
+    (["centrallized:train.lr=0.1,0.2"], "not one of"),
+    (["local:train.lr=0.1,0.2"], "the study has no local"),
+    (["centralized_nodp:train.lr=0.1,0.2,0.3"], "3 candidates, the shared --grid has 2"),
+])
+def test_bad_method_grids_fail_in_one_line(items, message):
+    from fedfm.tune import parse_method_grids
+
+    with pytest.raises(ConfigError, match=message):
+        parse_method_grids(items, {"train.lr": [0.03, 0.1]}, ["federated", "centralized_nodp"])
+
+
+def test_a_method_grid_replaces_only_the_keys_it_names():
+    from fedfm.tune import parse_method_grids
+
+    grids = parse_method_grids(["centralized_nodp:train.lr=0.001,0.003", "centralized_nodp:train.optimizer=adam"],
+                               {"train.lr": [0.03, 0.1], "train.local_epochs": [1]}, ["federated", "centralized_nodp"])
+    assert grids == {"centralized_nodp": {"train.lr": [0.001, 0.003], "train.local_epochs": [1], "train.optimizer": ["adam"]}}
+
+
+def test_each_method_trains_and_is_tested_with_its_own_grid(tmp_path, monkeypatch):
+    import fedfm.study
+    import fedfm.tune as tune
+    from fedfm.study import baseline_config
+
+    seen = {}
+
+    def fake_trial(config, method, folder, ledger, verbose, resume):
+        number = int(folder.name.split("-")[-1])
+        part = config if method == "federated" else baseline_config(config, method)
+        seen.setdefault(method, []).append((part.train.lr, part.train.local_epochs))
+        _write_run(folder, val_auroc=[0.9, 0.8][number], test_auroc=0.5)
+        return folder
+
+    studied = {}
+    monkeypatch.setattr(tune, "run_trial", fake_trial)
+    monkeypatch.setattr(fedfm.study, "run_study", lambda config, out, verbose, resume: studied.setdefault("config", config))
+    # a fixed override of the config stays, and the searched value wins over one of the same key
+    config = load_config(None, ["eval.baselines=[centralized_nodp]",
+                                "eval.baseline_overrides={centralized_nodp: [train.local_epochs=2, train.lr=0.5]}"])
+    tune.run_tuning(config, {"train.lr": [0.03, 0.1]}, tmp_path / "study",
+                    method_grids={"centralized_nodp": {"train.lr": [0.001, 0.003]}})
+    assert [lr for lr, _ in seen["federated"]] == [0.03, 0.1]
+    assert seen["centralized_nodp"] == [(0.001, 2.0), (0.003, 2.0)]
+    final = studied["config"]
+    assert final.train.lr == 0.03
+    assert baseline_config(final, "centralized_nodp").train.lr == 0.001
+    assert baseline_config(final, "centralized_nodp").train.local_epochs == 2.0
+    methods = json.loads((tmp_path / "study" / "tuning.json").read_text())["methods"]
+    assert methods["centralized_nodp"]["grid"] == {"train.lr": [0.001, 0.003]}
+    assert methods["federated"]["grid"] == {"train.lr": [0.03, 0.1]}
+    assert methods["centralized_nodp"]["chosen_values"] == {"train.lr": 0.001}
+
+
+def test_resume_refuses_a_method_whose_trials_searched_other_values(tmp_path, monkeypatch):
+    import shutil
+
+    import fedfm.study
+    import fedfm.tune as tune
+
+    def fake_trial(config, method, folder, ledger, verbose, resume):
+        if not (folder / "results.json").exists():
+            _write_run(folder, val_auroc=0.8, test_auroc=0.5)
+        return folder
+
+    monkeypatch.setattr(tune, "run_trial", fake_trial)
+    monkeypatch.setattr(fedfm.study, "run_study", lambda config, out, verbose, resume: out)
+    config = load_config(None, ["eval.baselines=[centralized_nodp]"])
+    out = tmp_path / "study"
+    tune.run_tuning(config, {"train.lr": [0.03, 0.1]}, out)
+    other = {"centralized_nodp": {"train.lr": [0.001, 0.003]}}
+    with pytest.raises(ConfigError, match="centralized_nodp's trials .* remove"):
+        tune.run_tuning(config, {"train.lr": [0.03, 0.1]}, out, resume=True, method_grids=other)
+    shutil.rmtree(out / "trials" / "centralized_nodp")  # what the message says: the method is searched again
+    tune.run_tuning(config, {"train.lr": [0.03, 0.1]}, out, resume=True, method_grids=other)
+    methods = json.loads((out / "tuning.json").read_text())["methods"]
+    assert methods["centralized_nodp"]["grid"] == {"train.lr": [0.001, 0.003]}

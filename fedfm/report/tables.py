@@ -210,8 +210,9 @@ def tuning_table(run: dict[str, Any]) -> Table | None:
     tuning = run.get("tuning")
     if not tuning:
         return None
-    keys = list(tuning["grid"])
     methods = tuning.get("methods") or {"federated": {"trials": tuning["trials"], "chosen": tuning.get("chosen")}}
+    keys = list(dict.fromkeys([*tuning["grid"], *(k for search in methods.values() for k in search.get("grid", {}))]))
+    own = [BASELINE_LABELS.get(m, m) for m, search in methods.items() if search.get("grid", tuning["grid"]) != tuning["grid"]]
     rows = []
     for method, search in methods.items():
         for t in search["trials"]:
@@ -225,9 +226,12 @@ def tuning_table(run: dict[str, Any]) -> Table | None:
     diverged = [BASELINE_LABELS.get(m, m) for m, search in methods.items() if search.get("diverged")]
     left_out = (f" Not run on test, every candidate diverged (no validation AUROC): {', '.join(diverged)}."
                 if diverged else "")
+    same = ("each method chose among the same candidates on its own" if not own else
+            f"each method chose on its own, among the same candidates except {', '.join(own)} (its own values, "
+            "as many candidates)")
     return Table("Hyperparameter search (validation only)",
                  ["method", "trial", *keys, "validation AUROC", "validation ECE", "wall s"], rows,
-                 f"{tuning['selection']}; each method chose among the same candidates on its own.{left_out} Every federated trial "
+                 f"{tuning['selection']}; {same}.{left_out} Every federated trial "
                  f"trained on the same private data: the sites' ledgers compose all of them with the final run "
                  f"(privacy.runs_in_budget = {tuning['runs_in_budget']}). Spent per site: {spent}.")
 
