@@ -11,9 +11,27 @@ from flwr.clientapp import ClientApp
 
 from fedfm.appconfig import apply_node_config, experiment_from_run_config, ledger_dir, site_id_from_node_config
 from fedfm.eval.calibration import calibrated_metrics, calibration_from, site_statistics
-from fedfm.results import PERSONAL
-from fedfm.privacy.heads import REPLY_KEY, LedgerRolledBack
-from fedfm.site import BUDGET_REFUSED, HELD_OUT, LEDGER_ROLLED_BACK, BudgetExhausted, HeldOut, Site
+from fedfm.privacy.heads import LedgerRolledBack
+from fedfm.protocol import (
+    ARRAYS,
+    BUDGET_REFUSED,
+    CALIBRATION_STATS,
+    CONFIG,
+    HELD_OUT,
+    LEDGER_HEAD,
+    LEDGER_ROLLED_BACK,
+    METRICS,
+    PERSONAL,
+    PROCESS_AGE,
+    RETURN_PREDICTIONS,
+    SPLIT,
+    TEMPERATURE,
+    eval_metrics,
+    server_round,
+    with_personal,
+    with_predictions,
+)
+from fedfm.site import BudgetExhausted, HeldOut, Site
 from fedfm.transport import encode
 
 app = ClientApp()
@@ -39,10 +57,9 @@ def process_age() -> float:
 def train(msg: Message, context: Context) -> Message:
     age = process_age()
     site = site_for(context)
-    adapter = msg.content["arrays"].to_torch_state_dict()
+    adapter = msg.content[ARRAYS].to_torch_state_dict()
     try:
-        config = msg.content["config"]
-        reply = site.train(adapter, int(config["server-round"]) + int(config.get("round-offset", 0)))
+        reply = site.train(adapter, server_round(msg.content[CONFIG]))
     except BudgetExhausted as refusal:
         return Message(error=Error(code=BUDGET_REFUSED, reason=str(refusal)), reply_to=msg)
     except HeldOut as refusal:
@@ -50,39 +67,30 @@ def train(msg: Message, context: Context) -> Message:
     except LedgerRolledBack as refusal:
         return Message(error=Error(code=LEDGER_ROLLED_BACK, reason=str(refusal)), reply_to=msg)
     sent = encode(reply.adapter, site.config.federation.transport)
-    content = RecordDict({"arrays": ArrayRecord(sent), "metrics": MetricRecord({**reply.metrics, "process-age-s": age})})
+    content = RecordDict({ARRAYS: ArrayRecord(sent), METRICS: MetricRecord({**reply.metrics, PROCESS_AGE: age})})
     if reply.head is not None:  # the coordinator anchors it (fedfm.privacy.anchors)
-        content[REPLY_KEY] = ConfigRecord(reply.head.to_dict())
+        content[LEDGER_HEAD] = ConfigRecord(reply.head.to_dict())
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     site = site_for(context)
-    split = str(msg.content["config"].get("split", "val"))
-    reply = site.evaluate(msg.content["arrays"].to_torch_state_dict(), split)
-    sizes = site.sizes()
-    metrics = {
-        **{k: float(v) for k, v in reply.metrics.items() if k != "n"},
-        "num-examples": int(reply.metrics.get("n", 0)),
-        "site-id": site.site_id,
-        "client-weight": 1,  # equal weights, as client-level DP averages sites
-        "n-train": sizes["n_train"], "n-val": sizes["n_val"], "n-test": sizes["n_test"],
-    }
-    if split == "test":  # the report shows each site's size and label distribution
-        metrics.update({f"label-counts-{k}": v for k, v in site.label_counts().items()})
-    config = msg.content["config"]
-    if bool(config.get("calibration-stats", False)) and len(reply.labels):
+    config = msg.content[CONFIG]
+    split = str(config.get(SPLIT, "val"))
+    reply = site.evaluate(msg.content[ARRAYS].to_torch_state_dict(), split)
+    # on test, the report shows each site's size and label distribution
+    metrics = eval_metrics(site.site_id, reply.metrics, site.sizes(), site.label_counts() if split == "test" else None)
+    if bool(config.get(CALIBRATION_STATS, False)) and len(reply.labels):
         metrics.update(site_statistics(reply.probs, reply.labels))
-    if "temperature" in config and len(reply.labels):  # the calibration the server fitted on validation
+    if TEMPERATURE in config and len(reply.labels):  # the calibration the server fitted on validation
         metrics.update(calibrated_metrics(reply.probs, reply.labels, calibration_from(config)))
-    share = bool(config.get("return-predictions", False))
+    share = bool(config.get(RETURN_PREDICTIONS, False))
     if share:
-        metrics["probs"] = [float(p) for p in reply.probs.reshape(-1)]
-        metrics["labels"] = [int(y) for y in reply.labels]
+        with_predictions(metrics, reply.probs, reply.labels)
     if split == "test" and site.personal.enabled:  # the site's personalized model beside the global one
-        own = site.evaluate(msg.content["arrays"].to_torch_state_dict(), split, personal=True)
-        metrics.update({f"{PERSONAL}{k}": float(v) for k, v in own.metrics.items() if k != "n"})
+        own = site.evaluate(msg.content[ARRAYS].to_torch_state_dict(), split, personal=True)
+        with_personal(metrics, own.metrics)
         if share:
-            metrics[f"{PERSONAL}probs"] = [float(p) for p in own.probs.reshape(-1)]
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+            with_predictions(metrics, own.probs, None, prefix=PERSONAL)
+    return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -28,8 +28,9 @@ from fedfm.data import SiteData, Split, load_sites
 from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict
 from fedfm.models.stacking import stack
-from fedfm.results import SiteEvaluation, pooled_summary, test_summary, worst_site, write_json
-from fedfm.site import BudgetExhausted, Site, site_name
+from fedfm.results import SiteEvaluation, pooled_summary, summarize_site_test, worst_site, write_json
+from fedfm.protocol import site_name, sorted_sites
+from fedfm.site import BudgetExhausted, Site
 
 IN_PROCESS = ("local", "centralized", "centralized_nodp")
 POOLED_SITE_ID = -1  # seeds the centralized model's sampling and noise; never a real site id
@@ -121,23 +122,23 @@ def write_baseline_results(config: ExperimentConfig, name: str, out_dir: Path, p
     for part in parts:
         validation.update(part.get("validation", {}))
         per_site = part.get("evaluations") or ({part["site"]: part["evaluation"]} if part.get("evaluation") else {})
-        for name, ev in per_site.items():
+        for site, ev in per_site.items():
             metrics = dict(ev.metrics)
-            evaluations[name] = ev
-            sites[name] = {
+            evaluations[site] = ev
+            sites[site] = {
                 "n_train": part["n_train"],
                 "n_test": int(metrics.get("n", 0)),
-                **test_summary(metrics, ev),
+                **summarize_site_test(metrics, ev),
                 "epsilon": float(part["epsilon"]),
                 "delta": delta,
                 "trained_by": part["site"],
-                "held_out": name in {site_name(k) for k in config.eval.holdout_sites},
+                "held_out": site in {site_name(k) for k in config.eval.holdout_sites},
             }
     results = {
         "status": "complete",
         "baseline": name,
         "config": config.model_dump(),
-        "sites": {name: sites[name] for name in sorted(sites, key=lambda n: int(n.rsplit("-", 1)[-1]))},
+        "sites": {site: sites[site] for site in sorted_sites(sites)},
         "pooled": pooled_summary(evaluations),
         "worst_site": worst_site(evaluations),
         "validation": validation_summary(validation),

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedfm.protocol import is_site_name, site_id, site_name
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased as one line that names the key and the fix."""
@@ -79,8 +81,8 @@ class LoraConfig(_Section):
     @model_validator(mode="after")
     def _check_ranks(self) -> "LoraConfig":
         for name, rank in self.site_ranks.items():
-            if not name.startswith("site-") or not name[5:].isdigit():
-                raise ValueError(f"lora.site_ranks has the key {name!r}: name sites as site-0, site-1, ...")
+            if not is_site_name(name):
+                raise ValueError(f"lora.site_ranks has the key {name!r}: name sites as {site_name(0)}, {site_name(1)}, ...")
             if rank < 1:
                 raise ValueError(f"lora.site_ranks.{name}={rank}: a rank must be a positive integer")
         if self.stack_max_rank is not None and not self.site_ranks:
@@ -114,6 +116,8 @@ class BudgetConfig(_Section):
     @model_validator(mode="after")
     def _check_sites(self) -> "BudgetConfig":
         for name, value in self.sites.items():
+            if not is_site_name(name):
+                raise ValueError(f"privacy.budget.sites has the key {name!r}: name sites as {site_name(0)}, {site_name(1)}, ...")
             if value <= 0:
                 raise ValueError(f"privacy.budget.sites.{name}={value}: a budget must be a positive epsilon")
         return self
@@ -242,10 +246,10 @@ class ExperimentConfig(_Section):
 
     def _check_site_ranks(self) -> None:
         ranks = self.lora.site_ranks
-        bad = sorted(n for n in ranks if int(n[5:]) >= self.data.num_sites)
+        bad = sorted(n for n in ranks if site_id(n) >= self.data.num_sites)
         if bad:
             raise ValueError(f"lora.site_ranks names {bad}, but data.num_sites={self.data.num_sites} "
-                             f"(sites are site-0..site-{self.data.num_sites - 1})")
+                             f"(sites are {site_name(0)}..{site_name(self.data.num_sites - 1)})")
         if ranks and self.privacy.client_level:
             raise ValueError("lora.site_ranks does not combine with privacy.level=client/both: client-level DP "
                              "clips one update shape for every site; set privacy.level=sample")

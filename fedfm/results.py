@@ -24,9 +24,7 @@ from fedfm.eval.metrics import bootstrap_intervals, classification_metrics, reli
 from fedfm.models import load_adapter_state_dict, save_adapter, unwrap
 from fedfm.models.spec import SPEC_ATTR
 from fedfm.models.stacking import global_model as stacked_global_model
-from fedfm.site import site_name
-
-PERSONAL = "personal-"  # prefix of a site's personalized-model metrics in its test reply
+from fedfm.protocol import DELTA, EPSILON, LABEL_COUNTS, NUM_EXAMPLES, SIZES, TRAIN_LOSS, site_name, site_order
 TEST_METRICS = ("auroc", "accuracy", "balanced_accuracy", "loss", "ece", "sensitivity", "specificity")
 
 
@@ -108,8 +106,8 @@ class RunRecorder:
             "participants": sorted(train),
             "refused": refused,
             "train": train,
-            "train_loss": _weighted(train, "train-loss"),
-            "max_epsilon": max((m.get("epsilon", 0.0) for m in train.values()), default=0.0),
+            "train_loss": _weighted(train, TRAIN_LOSS),
+            "max_epsilon": max((m.get(EPSILON, 0.0) for m in train.values()), default=0.0),
             "client_epsilon": (self.client_level or {}).get("epsilon"),
             "val": evaluation,
             "val_auroc": _weighted(evaluation, "auroc"),
@@ -176,18 +174,18 @@ class RunRecorder:
 
     def _sites(self, evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
         sites: dict[str, Any] = {}
-        for site in sorted(set(evaluations) | set(self.site_train), key=_site_order):
+        for site in sorted(set(evaluations) | set(self.site_train), key=site_order):
             ev = evaluations.get(site)
             metrics = dict(ev.metrics) if ev else {}
             train = self.site_train.get(site, {})
             sites[site] = {
-                "n_train": int(metrics.pop("n-train", train.get("num-examples", 0))),
-                "n_val": int(metrics.pop("n-val", 0)),
-                "n_test": int(metrics.pop("n-test", 0)),
-                "label_counts": {k: [int(c) for c in metrics.pop(f"label-counts-{k}", [])] for k in ("train", "val", "test")},
-                **test_summary(metrics, ev),
-                "epsilon": float(train.get("epsilon", 0.0)),
-                "delta": float(train.get("delta", 0.0)),
+                "n_train": int(metrics.pop(SIZES["n_train"], train.get(NUM_EXAMPLES, 0))),
+                "n_val": int(metrics.pop(SIZES["n_val"], 0)),
+                "n_test": int(metrics.pop(SIZES["n_test"], 0)),
+                "label_counts": {k: [int(c) for c in metrics.pop(f"{LABEL_COUNTS}{k}", [])] for k in ("train", "val", "test")},
+                **summarize_site_test(metrics, ev),
+                "epsilon": float(train.get(EPSILON, 0.0)),
+                "delta": float(train.get(DELTA, 0.0)),
                 "rounds_trained": sum(site in r["participants"] for r in self.rounds),
                 "held_out": self._held_out(site),
             }
@@ -195,7 +193,7 @@ class RunRecorder:
             if calibrated:
                 sites[site]["test_calibrated"] = {k: calibrated[k] for k in TEST_METRICS if k in calibrated}
             if ev is not None and ev.personal is not None:
-                own = test_summary(dict(ev.personal.metrics), ev.personal)
+                own = summarize_site_test(dict(ev.personal.metrics), ev.personal)
                 sites[site].update({"test_personal": own["test"], "test_personal_ci95": own["test_ci95"]})
         return sites
 
@@ -225,7 +223,7 @@ class RunRecorder:
 def pooled_summary(evaluations: dict[str, SiteEvaluation], calibration: Calibration | None = None) -> dict[str, Any]:
     """Metrics of every site's shared predictions pooled; with ``calibration``, after it."""
     # site order, not arrival order: the bootstrap resamples by position
-    parts = [evaluations[k] for k in sorted(evaluations, key=_site_order)]
+    parts = [evaluations[k] for k in sorted(evaluations, key=site_order)]
     parts = [ev for ev in parts if ev.probs is not None and len(ev.probs)]
     if not parts:
         return {}
@@ -259,7 +257,7 @@ def _pooled_personal(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
     return {k: v for k, v in pooled_summary(own).items() if k != "reliability"} if own else {}
 
 
-def test_summary(metrics: dict[str, Any], ev: SiteEvaluation | None) -> dict[str, Any]:
+def summarize_site_test(metrics: dict[str, Any], ev: SiteEvaluation | None) -> dict[str, Any]:
     """A site's test metrics, with bootstrap 95 % intervals and a reliability curve when it shared predictions."""
     shared = ev is not None and ev.probs is not None and len(ev.probs) > 0
     return {
@@ -281,17 +279,12 @@ def worst_site(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any] | None:
 
 def _weighted(per_site: dict[str, dict[str, float]], key: str) -> float | None:
     pairs = [
-        (m[key], m.get("num-examples", m.get("n", 1)))
+        (m[key], m.get(NUM_EXAMPLES, m.get("n", 1)))
         for m in per_site.values()
         if key in m and not math.isnan(m[key])
     ]
     total = sum(w for _, w in pairs)
     return float(sum(v * w for v, w in pairs) / total) if total else None
-
-
-def _site_order(name: str) -> tuple[int, str]:
-    tail = name.rsplit("-", 1)[-1]
-    return (int(tail), name) if tail.isdigit() else (10**9, name)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -23,6 +23,19 @@ from fedfm.eval.metrics import classification_metrics
 from fedfm.models import ModelSpec, adapter_state_dict, build_model, load_adapter_state_dict
 from fedfm.models.stacking import site_model
 from fedfm.personal import PersonalState
+from fedfm.protocol import (
+    CLASS_WEIGHTED,
+    CLASS_WEIGHTS,
+    DELTA,
+    EPSILON,
+    NOISE_MULTIPLIER,
+    SAMPLE_RATE,
+    STEPS,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    site_name,
+    train_metrics,
+)
 from fedfm.privacy.accountant import SiteAccountant, StepBatch, calibrate_noise
 from fedfm.privacy.heads import HEADS_DIR, HeadStore, LedgerHead, head_of
 from fedfm.privacy.ledger import SiteLedger
@@ -40,21 +53,12 @@ from fedfm.training.class_balance import (
 from fedfm.training.local import plan_steps, predict_probs, train_round
 
 
-BUDGET_REFUSED = 4001  # error code of a reply that refuses a round for the privacy budget
-HELD_OUT = 4002  # error code of a held-out site asked to train: it only evaluates
-LEDGER_ROLLED_BACK = 4003  # error code of a site whose ledger is behind the last head it signed
-
-
 class HeldOut(RuntimeError):
     """The site is held out of training (eval.holdout_sites): it only evaluates."""
 
 
 class BudgetExhausted(RuntimeError):
     """The site refuses a round because it would take its epsilon above its budget."""
-
-
-def site_name(site_id: int) -> str:
-    return f"site-{site_id}"
 
 
 def round_seed(seed: int, site_id: int, server_round: int) -> int:
@@ -180,23 +184,17 @@ class Site:
         # Every site's reply carries both keys (the server aggregates only replies with the same
         # keys); unweighted is weight 1 for every class.
         balance = {
-            "class-weighted": int(class_weights is not None),
-            "class-weights": [float(w) for w in (class_weights if class_weights is not None else [1.0] * self.data.num_classes)],
+            CLASS_WEIGHTED: int(class_weights is not None),
+            CLASS_WEIGHTS: [float(w) for w in (class_weights if class_weights is not None else [1.0] * self.data.num_classes)],
         }
-        metrics = {
-            "num-examples": len(self.data.train),
-            "site-id": self.site_id,
-            "train-loss": outcome.mean_loss,
-            "steps": outcome.steps,
-            "epsilon": epsilon,
-            "delta": cfg.privacy.delta if cfg.privacy.sample_level else 0.0,
-            "client-weight": 1,  # client-level DP averages sites with equal weights
-            "noise-multiplier": outcome.noise_multiplier,
-            "sample-rate": outcome.sample_rate,
-            "train-seconds": seconds,  # the round's steps; building the activation cache is counted apart
+        metrics = train_metrics(
+            self.site_id, len(self.data.train),
+            **{TRAIN_LOSS: outcome.mean_loss, STEPS: outcome.steps, EPSILON: epsilon,
+               DELTA: cfg.privacy.delta if cfg.privacy.sample_level else 0.0,
+               NOISE_MULTIPLIER: outcome.noise_multiplier, SAMPLE_RATE: outcome.sample_rate, TRAIN_SECONDS: seconds},
             **balance,
             **self.cache_metrics(),
-        }
+        )
         adapter = adapter_state_dict(model)
         if self.personal.enabled:
             self.personal.save(server_round, adapter)

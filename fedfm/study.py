@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fedfm.baselines import IN_PROCESS, baseline_jobs, is_complete, run_job, write_baseline_results
 from fedfm.config import ExperimentConfig, apply_overrides, validate_config
+from fedfm.protocol import loso_folder, site_name
 from fedfm.simulate import run_simulation
 
 
@@ -60,7 +61,7 @@ def seed_dir(run_dir: Path, seed: int) -> Path:
 
 
 def loso_dir(run_dir: Path, site_id: int) -> Path:
-    return run_dir / "loso" / f"without-site-{site_id}"
+    return run_dir / "loso" / loso_folder(site_id)
 
 
 def baseline_dir(run_dir: Path, name: str) -> Path:
@@ -82,7 +83,7 @@ def run_study(config: ExperimentConfig, out: str | None = None, verbose: bool = 
         run_part(seed_config(config, seed), seed_dir(run_dir, seed), verbose)
     if config.eval.leave_one_site_out:
         for k in range(config.data.num_sites):
-            print(f"[fedfm] leave-one-site-out {k + 1}/{config.data.num_sites}: the federation without site-{k}", flush=True)
+            print(f"[fedfm] leave-one-site-out {k + 1}/{config.data.num_sites}: the federation without {site_name(k)}", flush=True)
             run_part(part_config(config, holdout=[k]), loso_dir(run_dir, k), verbose)
     if "federated_nodp" in config.eval.baselines:
         print("[fedfm] baseline federated_nodp: the same federation without DP", flush=True)

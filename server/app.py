@@ -5,17 +5,26 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedfm.appconfig import experiment_from_run_config
-from fedfm.eval.calibration import STATISTICS_PREFIX, Calibration, calibration_config, fit_calibration, sum_statistics
+from fedfm.eval.calibration import Calibration, calibration_config, fit_calibration, sum_statistics
 from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict, full_model_bytes
 from fedfm.privacy.anchors import AnchorLog
-from fedfm.results import PERSONAL, RunRecorder, SiteEvaluation
-from fedfm.site import site_name
+from fedfm.protocol import (
+    ARRAYS,
+    CALIBRATION_STATS,
+    CONFIG,
+    METRICS,
+    RETURN_PREDICTIONS,
+    ROUND_OFFSET,
+    SPLIT,
+    STATISTICS_PREFIX,
+    decode_eval_reply,
+)
+from fedfm.results import RunRecorder, SiteEvaluation
 from fedfm.transport import encode
 from server.strategy import build_strategy
 
@@ -43,14 +52,14 @@ def main(grid: Grid, context: Context) -> None:
         if server_round > 0 and (config.output.checkpoint_every_round or server_round + done == last):
             recorder.checkpoint(server_round, arrays.to_torch_state_dict())
 
-    offset = ConfigRecord({"round-offset": done})
+    offset = ConfigRecord({ROUND_OFFSET: done})
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(initial),
         num_rounds=max(0, last - done),
         timeout=fed.round_timeout_s,
         train_config=offset,
-        evaluate_config=ConfigRecord({"split": "val", "round-offset": done}),
+        evaluate_config=ConfigRecord({SPLIT: "val", ROUND_OFFSET: done}),
         evaluate_fn=checkpoint,
     )
     # no round aggregated (every site refused its first round): the initial adapter is the result
@@ -95,7 +104,7 @@ def validate_final(grid: Grid, arrays: ArrayRecord, config, recorder: RunRecorde
     statistics. Returns the calibration, or None."""
     stats: list[dict] = []
     evaluations = evaluate_split(grid, arrays, "val", config.eval.share_predictions, config.federation.round_timeout_s,
-                                 {"calibration-stats": config.eval.calibrate}, stats)
+                                 {CALIBRATION_STATS: config.eval.calibrate}, stats)
     recorder.record_transfer(arrays.count_bytes(), len(evaluations))
     calibration = fit_calibration(sum_statistics(stats)) if config.eval.calibrate and stats else None
     recorder.record_validation(evaluations, calibration)
@@ -110,10 +119,10 @@ def evaluate_split(grid: Grid, arrays: ArrayRecord, split: str, predictions: boo
                    extra: dict | None = None, statistics: list[dict] | None = None) -> dict[str, SiteEvaluation]:
     """Ask every site to evaluate ``arrays`` on its own ``split``; calibration statistics the sites
     send go into ``statistics`` (one dict per site)."""
-    config = ConfigRecord({"split": split, "return-predictions": predictions, **(extra or {})})
+    config = ConfigRecord({SPLIT: split, RETURN_PREDICTIONS: predictions, **(extra or {})})
     messages = [
         Message(
-            content=RecordDict({"arrays": arrays, "config": config}),
+            content=RecordDict({ARRAYS: arrays, CONFIG: config}),
             message_type=MessageType.EVALUATE,
             dst_node_id=node_id,
         )
@@ -124,20 +133,12 @@ def evaluate_split(grid: Grid, arrays: ArrayRecord, split: str, predictions: boo
         if reply.has_error():
             print(f"[fedfm] node {reply.metadata.src_node_id} failed its test evaluation: {reply.error.reason}")
             continue
-        metrics = dict(reply.content["metrics"])
-        stats = {k: metrics.pop(k) for k in list(metrics) if k.startswith(STATISTICS_PREFIX)}
-        if stats and statistics is not None:
-            statistics.append(stats)
-        personal = {k[len(PERSONAL):]: metrics.pop(k) for k in list(metrics) if k.startswith(PERSONAL)}
-        probs = labels = None
-        if "probs" in metrics:
-            labels = np.asarray(metrics.pop("labels"), dtype=np.int64)
-            probs = np.asarray(metrics.pop("probs"), dtype=np.float64).reshape(len(labels), -1)
+        content = decode_eval_reply(reply.content[METRICS], STATISTICS_PREFIX)
+        if content.statistics and statistics is not None:
+            statistics.append(content.statistics)
         own = None
-        if personal:
-            own_probs = personal.pop("probs", None)
-            if own_probs is not None and labels is not None:
-                own_probs = np.asarray(own_probs, dtype=np.float64).reshape(len(labels), -1)
-            own = SiteEvaluation(personal, own_probs, labels if own_probs is not None else None)
-        out[site_name(int(metrics.pop("site-id")))] = SiteEvaluation(metrics, probs, labels, own)
+        if content.personal:
+            own_labels = content.labels if content.personal_probs is not None else None
+            own = SiteEvaluation(content.personal, content.personal_probs, own_labels)
+        out[content.site] = SiteEvaluation(content.metrics, content.probs, content.labels, own)
     return out

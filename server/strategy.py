@@ -22,10 +22,19 @@ from fedfm.config import ExperimentConfig
 from fedfm.models.stacking import LORA_A, LORA_B, stack
 from fedfm.privacy.anchors import AnchorLog, AnchorRejected
 from fedfm.privacy.audit import DP_ACCOUNTING_RDP
-from fedfm.privacy.heads import REPLY_KEY, LedgerHead
+from fedfm.privacy.heads import LedgerHead
 from fedfm.privacy.ledger import SiteLedger
+from fedfm.protocol import (
+    ARRAYS,
+    CLIENT_WEIGHT,
+    HELD_OUT,
+    LEDGER_HEAD,
+    METRICS,
+    REFUSALS_FOR_THE_RUN,
+    SITE_ID,
+    reply_site,
+)
 from fedfm.results import RunRecorder
-from fedfm.site import BUDGET_REFUSED, HELD_OUT, LEDGER_ROLLED_BACK, site_name
 from fedfm.transport import decode, encode
 
 log = logging.getLogger("fedfm")
@@ -75,10 +84,10 @@ class Bookkeeping:
         """Put each message's adapter in the wire format (federation.transport) and count its bytes."""
         transport = self.recorder.config.federation.transport
         for message in messages:
-            arrays = message.content["arrays"]
+            arrays = message.content[ARRAYS]
             if transport != "fp32":
                 arrays = ArrayRecord(encode(arrays.to_torch_state_dict(), transport))
-                message.content["arrays"] = arrays
+                message.content[ARRAYS] = arrays
             self.recorder.record_transfer(arrays.count_bytes(), 1)
         return messages
 
@@ -93,8 +102,8 @@ class Bookkeeping:
             return None, None
         kept = self.screen(server_round, replies)
         for msg in kept:  # count what crossed the network, then average in fp32
-            self.recorder.record_transfer(msg.content["arrays"].count_bytes(), 1, upload=True)
-            msg.content["arrays"] = ArrayRecord(decode(msg.content["arrays"].to_torch_state_dict()))
+            self.recorder.record_transfer(msg.content[ARRAYS].count_bytes(), 1, upload=True)
+            msg.content[ARRAYS] = ArrayRecord(decode(msg.content[ARRAYS].to_torch_state_dict()))
         return super().aggregate_train(server_round, kept)
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
@@ -106,7 +115,7 @@ class Bookkeeping:
                 if msg.error.code == HELD_OUT:
                     self.held_out.add(msg.metadata.src_node_id)
                     continue  # not a refusal: the site is there to be evaluated as unseen
-                if msg.error.code in (BUDGET_REFUSED, LEDGER_ROLLED_BACK):  # neither can train again in this run
+                if msg.error.code in REFUSALS_FOR_THE_RUN:  # out of budget, or a ledger rolled back
                     self.out_of_budget.add(msg.metadata.src_node_id)
                 self._refused[node] = msg.error.reason or f"error code {msg.error.code}"
                 log.warning("round %d: %s did not train: %s", server_round, node, self._refused[node])
@@ -117,15 +126,15 @@ class Bookkeeping:
                 self._refused[node] = f"rejected: {problem}"
                 log.warning("round %d: reply of %s rejected: %s", server_round, node, problem)
                 continue
-            metrics = dict(msg.content["metrics"])
-            self._train[site_name(int(metrics["site-id"]))] = metrics
+            metrics = dict(msg.content[METRICS])
+            self._train[reply_site(metrics)] = metrics
             kept.append(msg)
         # A fixed order makes the floating-point average independent of arrival order.
-        return sorted(kept, key=lambda m: int(m.content["metrics"]["site-id"]))
+        return sorted(kept, key=lambda m: int(m.content[METRICS][SITE_ID]))
 
     def anchor(self, server_round: int, content: RecordDict) -> str | None:
         """Anchor the reply's ledger head (and take it out of the content); why not, or None."""
-        head = content.pop(REPLY_KEY, None)
+        head = content.pop(LEDGER_HEAD, None)
         if self.anchors is None:
             return None
         if head is None:
@@ -142,7 +151,7 @@ class Bookkeeping:
     def reply_problem(self, content: RecordDict) -> str | None:
         """Why the content of a train reply cannot be averaged, or None when it can."""
         arrays = [v for v in content.values() if isinstance(v, ArrayRecord)]
-        if len(arrays) != 1 or "metrics" not in content:
+        if len(arrays) != 1 or METRICS not in content:
             return "a train reply needs one ArrayRecord and one MetricRecord"
         keys = list(arrays[0].keys())
         if keys != self.adapter_keys:
@@ -160,7 +169,7 @@ class Bookkeeping:
         if self.recorder.stopped is not None and not self._train:
             return None
         evaluation = {
-            site_name(int(msg.content["metrics"]["site-id"])): dict(msg.content["metrics"])
+            reply_site(msg.content[METRICS]): dict(msg.content[METRICS])
             for msg in replies
             if not msg.has_error()
         }
@@ -194,7 +203,7 @@ class _StackFactors:
         if not valid:
             return None, None
         contents = [msg.content for msg in valid]
-        updates = [(c["arrays"].to_torch_state_dict(), float(c["metrics"][self.weighted_by_key])) for c in contents]
+        updates = [(c[ARRAYS].to_torch_state_dict(), float(c[METRICS][self.weighted_by_key])) for c in contents]
         arrays = ArrayRecord(stack(self._global, updates, self.alpha, self.max_rank))
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
@@ -213,9 +222,9 @@ class StackedLoraFedAvg(Bookkeeping, _StackFactors, FedAvg):
         problem = super().reply_problem(content)
         if problem:
             return problem
-        site = site_name(int(content["metrics"]["site-id"]))
+        site = reply_site(content[METRICS])
         rank = self.recorder.config.lora.rank_for(site)
-        arrays = content["arrays"]
+        arrays = content[ARRAYS]
         for key in arrays:
             if key.endswith(LORA_A):
                 a, b = arrays[key].shape, arrays[key[: -len(LORA_A)] + LORA_B].shape
@@ -240,7 +249,7 @@ class ClientDPFedAvg(Bookkeeping, DifferentialPrivacyServerSideFixedClipping):
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION,
         ))
-        inner = FedAvg(weighted_by_key="client-weight", **fedavg)
+        inner = FedAvg(weighted_by_key=CLIENT_WEIGHT, **fedavg)
         super().__init__(inner, client.noise_multiplier, client.clipping_norm, sampled, accountant=accountant)
         self.init_bookkeeping(recorder, adapter_keys, anchors, run_id)
         self.ledger = SiteLedger(recorder.run_dir / "ledger-federation", CLIENT_LEDGER)

@@ -15,6 +15,7 @@ import functools
 from fedfm.config import DataConfig
 from fedfm.data.errors import DataError
 from fedfm.data.types import DatasetInfo, SiteData, Split, label_counts
+from fedfm.protocol import site_name
 
 __all__ = [
     "DataError",
@@ -58,7 +59,7 @@ def load_site(cfg: DataConfig, site_id: int) -> SiteData:
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
     """Classes, channels, image size, site names and spatial dims (synthetic: without generating anything)."""
     if cfg.source == "synthetic":
-        names = tuple(f"site{s}" for s in range(cfg.num_sites))
+        names = tuple(site_name(s) for s in range(cfg.num_sites))
         return DatasetInfo(cfg.num_classes, 1, cfg.image_size, names, spatial_dims=cfg.spatial_dims or 2)
     sites = load_sites(cfg)
     first, names = sites[0], tuple(s.name for s in sites)

@@ -28,6 +28,7 @@ from fedfm.data.partition import natural_partition, partition_indices
 from fedfm.data.resize import prepare_images, raw_spatial_dims
 from fedfm.data.sites import SPLITS, site_from_splits
 from fedfm.data.types import SiteData
+from fedfm.protocol import site_name
 
 _SIZES = ("64", "128", "224")
 
@@ -186,7 +187,7 @@ def _spatial_dims(arrays: dict[str, np.ndarray], cfg: DataConfig, npz: Path) -> 
 
 def _site_names(arrays: dict[str, np.ndarray], cfg: DataConfig, npz: Path) -> list[str]:
     if cfg.partition != "natural" or "site_names" not in arrays:
-        return [f"site{s}" for s in range(cfg.num_sites)]
+        return [site_name(s) for s in range(cfg.num_sites)]
     names = [str(n) for n in arrays["site_names"].reshape(-1)]
     if len(names) != cfg.num_sites:
         raise DataError(

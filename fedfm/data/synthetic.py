@@ -24,6 +24,7 @@ from fedfm.data.resize import resize_images
 from fedfm.data.sites import build_site
 from fedfm.data.synthetic3d import render_volumes
 from fedfm.data.types import SiteData
+from fedfm.protocol import site_name
 
 MAX_RENDER_SIZE = 64  # render at most this size, then upsample
 _CHUNK = 1024
@@ -118,6 +119,6 @@ def load_synthetic_sites(cfg: DataConfig) -> list[SiteData]:
     images = render(labels, cfg.image_size, rng)
     parts = partition_indices(labels, cfg, num_classes=cfg.num_classes)
     return [
-        build_site(cfg, site_id, f"site{site_id}", images[idx], labels[idx], cfg.num_classes)
+        build_site(cfg, site_id, site_name(site_id), images[idx], labels[idx], cfg.num_classes)
         for site_id, idx in enumerate(parts)
     ]

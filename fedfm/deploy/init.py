@@ -22,6 +22,7 @@ from pathlib import Path
 from fedfm.config import ConfigError
 from fedfm.deploy.pki import make_ca, make_node_keys, make_server_cert
 from fedfm.privacy.signing import SigningError, load_public_key
+from fedfm.protocol import SITE_PREFIX, is_site_name, site_id, site_name
 
 SUPERLINK_PORT = 9093  # Flower 1.42 serves Fleet, Control and ServerAppIo over one HTTPS port
 CONNECTION = "fedfm"
@@ -47,14 +48,14 @@ class Deployment:
         return self.root / "certs" / "superlink.key"
 
     def private_key(self, site: int) -> Path:
-        return self.root / "keys" / f"site-{site}"
+        return self.root / "keys" / site_name(site)
 
     def public_key(self, site: int) -> Path:
-        return self.root / "keys" / f"site-{site}.pub"
+        return self.root / "keys" / f"{site_name(site)}.pub"
 
     @property
     def sites(self) -> list[int]:
-        return sorted(int(p.stem.split("-")[1]) for p in (self.root / "keys").glob("site-*.pub"))
+        return sorted(site_id(p.stem) for p in (self.root / "keys").glob(f"{SITE_PREFIX}*.pub") if is_site_name(p.stem))
 
     @property
     def flwr_home(self) -> Path:
@@ -77,21 +78,21 @@ def site_keygen(out: str | Path, site: int) -> tuple[Path, Path]:
     if site < 0:
         raise ConfigError(f"--site {site}: site numbers start at 0")
     folder = Path(out).expanduser().resolve()
-    if (folder / f"site-{site}").exists():
-        raise ConfigError(f"{folder / f'site-{site}'} exists: this site already has a key pair (a new one would need "
+    if (folder / site_name(site)).exists():
+        raise ConfigError(f"{folder / site_name(site)} exists: this site already has a key pair (a new one would need "
                           "registering again, and ledger entries signed with the old key verify only with the old one)")
-    return make_node_keys(folder, f"site-{site}")
+    return make_node_keys(folder, site_name(site))
 
 
 def _registered_public_key(folder: Path, site: int) -> Path:
-    path = folder / f"site-{site}.pub"
+    path = folder / f"{site_name(site)}.pub"
     if not path.is_file():
-        raise ConfigError(f"--site-keys {folder}: no site-{site}.pub; each hospital runs `fedfm deploy keygen --site "
-                          f"{site}` and sends the coordinator its site-{site}.pub")
+        raise ConfigError(f"--site-keys {folder}: no {path.name}; each hospital runs `fedfm deploy keygen --site "
+                          f"{site}` and sends the coordinator its {path.name}")
     try:
         load_public_key(path)
     except SigningError as err:
-        raise ConfigError(f"--site-keys: {err}; use the site-{site}.pub written by fedfm deploy keygen") from None
+        raise ConfigError(f"--site-keys: {err}; use the {path.name} written by fedfm deploy keygen") from None
     return path
 
 
@@ -115,15 +116,16 @@ def init_deployment(out: str | Path, sites: int, names: list[str] | None = None,
     make_server_cert(root / "certs", names)
     (root / "sites").mkdir(parents=True, exist_ok=True)
     for site in range(sites):
+        name = site_name(site)
         if keys_from is None:
-            make_node_keys(root / "keys", f"site-{site}")
+            make_node_keys(root / "keys", name)
         else:
             (root / "keys").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(_registered_public_key(keys_from, site), root / "keys" / f"site-{site}.pub")
-        (root / "sites" / f"site-{site}.env").write_text(
-            f"# settings of hospital site-{site}: only this file, certs/ca.crt "
-            f"{'and keys/site-' + str(site) + ' ' if keys_from is None else ''}go to that site\n"
-            f"SITE_ID={site}\nSITE_BUDGET_EPSILON={budget}\nSITE_DATA=./data/site-{site}\n"
+            shutil.copyfile(_registered_public_key(keys_from, site), dep.public_key(site))
+        (root / "sites" / f"{name}.env").write_text(
+            f"# settings of hospital {name}: only this file, certs/ca.crt "
+            f"{'and keys/' + name + ' ' if keys_from is None else ''}go to that site\n"
+            f"SITE_ID={site}\nSITE_BUDGET_EPSILON={budget}\nSITE_DATA=./data/{name}\n"
             f"SUPERLINK_ADDRESS={names[0]}:{port}\n"
         )
     (root / "coordinator.env").write_text(

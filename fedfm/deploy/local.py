@@ -22,6 +22,7 @@ from pathlib import Path
 from fedfm.appconfig import APP_DIR
 from fedfm.config import ConfigError, ExperimentConfig
 from fedfm.deploy.init import CONNECTION, Deployment, init_deployment, write_connection
+from fedfm.protocol import site_name
 
 
 def free_port() -> int:
@@ -107,7 +108,7 @@ class LocalDeployment:
                         env: dict[str, str] | None = None) -> subprocess.Popen:
         """Site ``site``'s SuperNode, authenticating with its private key (or ``key``)."""
         items = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items())
-        return self._start(f"site-{site}", [
+        return self._start(site_name(site), [
             _exe("flower-supernode"), "--root-certificates", str(self.dep.ca),
             "--superlink", f"127.0.0.1:{self.port}",
             "--auth-supernode-private-key", str(key or self.dep.private_key(site)),

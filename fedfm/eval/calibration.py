@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fedfm.eval.metrics import classification_metrics
+from fedfm.protocol import CALIBRATED, STATISTICS_PREFIX, TEMPERATURE, THRESHOLD
 
 TEMPERATURES = np.round(np.geomspace(0.05, 20.0, 121), 6)
 THRESHOLDS = np.round(np.linspace(0.005, 0.995, 199), 6)  # on the raw probability of class 1
@@ -68,14 +69,14 @@ def confusion_per_threshold(probs: np.ndarray, labels: np.ndarray) -> dict[str, 
     }
 
 
-STATISTICS_PREFIX = "cal-"  # keys of a site's calibration statistics in its validation reply
 
 
 def site_statistics(probs: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
     """What one site sends the server about its validation split (no images, no predictions)."""
-    stats: dict[str, list[float]] = {"cal-nll": nll_per_temperature(probs, labels).tolist(), "cal-n": [float(len(labels))]}
+    stats: dict[str, list[float]] = {f"{STATISTICS_PREFIX}nll": nll_per_temperature(probs, labels).tolist(),
+                                         f"{STATISTICS_PREFIX}n": [float(len(labels))]}
     if np.asarray(probs).shape[1] == 2:
-        stats.update({f"cal-{k}": v.astype(float).tolist() for k, v in confusion_per_threshold(probs, labels).items()})
+        stats.update({f"{STATISTICS_PREFIX}{k}": v.astype(float).tolist() for k, v in confusion_per_threshold(probs, labels).items()})
     return stats
 
 
@@ -90,10 +91,10 @@ def sum_statistics(per_site: list[dict[str, list[float]]]) -> dict[str, np.ndarr
 def fit_calibration(summed: dict[str, np.ndarray]) -> Calibration:
     """The temperature of lowest summed NLL; with two classes, the threshold of highest balanced
     accuracy (equivalently Youden's J), expressed on the calibrated probability of class 1."""
-    temperature = float(TEMPERATURES[int(np.argmin(summed["cal-nll"]))])
-    if "cal-tp" not in summed:
+    temperature = float(TEMPERATURES[int(np.argmin(summed[f"{STATISTICS_PREFIX}nll"]))])
+    if f"{STATISTICS_PREFIX}tp" not in summed:
         return Calibration(temperature, None)
-    tp, fp, fn, tn = (summed[f"cal-{k}"] for k in ("tp", "fp", "fn", "tn"))
+    tp, fp, fn, tn = (summed[f"{STATISTICS_PREFIX}{k}"] for k in ("tp", "fp", "fn", "tn"))
     with np.errstate(invalid="ignore", divide="ignore"):
         balanced = 0.5 * (np.where(tp + fn > 0, tp / (tp + fn), 0.0) + np.where(tn + fp > 0, tn / (tn + fp), 0.0))
     raw = float(THRESHOLDS[int(np.argmax(balanced))])  # first of ties: the lowest threshold
@@ -114,19 +115,18 @@ def apply_calibration(probs: np.ndarray, calibration: Calibration) -> tuple[np.n
     return scaled, (scaled[:, 1] >= calibration.threshold - 1e-12).astype(np.int64)
 
 
-CALIBRATED = "calibrated-"  # prefix of a site's metrics after calibration in its test reply
 
 
 def calibration_from(config) -> Calibration:
     """The calibration a server sent in an evaluate message's config (keys temperature, threshold)."""
-    threshold = float(config["threshold"]) if float(config.get("threshold", -1.0)) >= 0 else None
-    return Calibration(float(config["temperature"]), threshold)
+    threshold = float(config[THRESHOLD]) if float(config.get(THRESHOLD, -1.0)) >= 0 else None
+    return Calibration(float(config[TEMPERATURE]), threshold)
 
 
 def calibration_config(calibration: Calibration) -> dict[str, float]:
     """The evaluate-config keys that carry ``calibration`` to the sites (threshold -1 = none)."""
     threshold = -1.0 if calibration.threshold is None else calibration.threshold
-    return {"temperature": calibration.temperature, "threshold": threshold}
+    return {TEMPERATURE: calibration.temperature, THRESHOLD: threshold}
 
 
 def calibrated_metrics(probs: np.ndarray, labels: np.ndarray, calibration: Calibration) -> dict[str, float]:

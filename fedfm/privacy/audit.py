@@ -34,6 +34,7 @@ from opacus.accountants import RDPAccountant
 from fedfm.privacy.accountant import SiteAccountant
 from fedfm.privacy.anchors import ANCHOR_LOG, AnchorLog, check_ledger, verify_log
 from fedfm.privacy.ledger import LedgerError, SiteLedger, batch_of
+from fedfm.protocol import site_id as protocol_site_id
 from fedfm.privacy.signing import KEYS_DIR, SigningError, load_public_key, public_key_id, verify_signature
 
 LABEL_COUNTS = "label-counts"  # ledger entries of a site's noisy label-count release
@@ -419,7 +420,7 @@ def _run_config(run_dir: Path):
 def _add_empirical(audit: SiteAudit, config, ledger: SiteLedger, canaries: int, seed: int) -> None:
     from fedfm.privacy.empirical import replay_with_canaries
 
-    site_id = int(ledger.site.rsplit("-", 1)[-1])
+    site_id = protocol_site_id(ledger.site)
     rounds = [e for e in ledger.verify() if not is_release(e)]  # replay the DP-SGD rounds; the claim keeps the release
     if not rounds:
         return

@@ -20,7 +20,6 @@ from fedfm.privacy.ledger import atomic_write
 from fedfm.privacy.signing import verify_signature
 
 HEADS_DIR = "heads"  # <ledger_dir>/heads/<site>.json unless the site names another folder
-REPLY_KEY = "ledger-head"  # the ConfigRecord of a train reply that carries the head
 
 
 class LedgerRolledBack(RuntimeError):

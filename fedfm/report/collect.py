@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedfm import protocol
 from fedfm.config import ConfigError, ExperimentConfig
 from fedfm.data.shift import site_shift_params
 
@@ -158,7 +159,7 @@ def run_summary(config: ExperimentConfig, results: dict[str, Any]) -> dict[str, 
         "rounds": f"{rounds_done} of {config.federation.rounds}",
         "local_epochs": config.train.local_epochs,
         "batch_size": config.train.batch_size,
-        "held_out_sites": [f"site-{s}" for s in config.eval.holdout_sites],
+        "held_out_sites": [protocol.site_name(s) for s in config.eval.holdout_sites],
         "stopped_early": results.get("stopped_early"),
         "wall_time_s": results.get("wall_time_s"),
     }
@@ -194,7 +195,7 @@ def privacy_line(config: ExperimentConfig) -> str:
 def site_rows(config: ExperimentConfig, results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, site in results["sites"].items():
-        site_id = int(name.rsplit("-", 1)[-1])
+        site_id = protocol.site_id(name)
         rows.append({
             "site": name,
             "held_out": site.get("held_out", False),
@@ -238,16 +239,16 @@ def round_curves(config: ExperimentConfig, results: dict[str, Any]) -> dict[str,
 
 def loso_matrix(run_dir: Path, results: dict[str, Any]) -> dict[str, Any] | None:
     """Rows: the federation trained on all sites, then without each site; columns: test AUROC at each site."""
-    folders = sorted((run_dir / "loso").glob("without-site-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    folders = sorted((run_dir / "loso").glob(f"{protocol.LOSO_PREFIX}*"), key=lambda p: protocol.site_order(protocol.left_out_site(p.name)))
     if not folders:
         return None
     sites = list(results["sites"])
     held = results["config"]["eval"]["holdout_sites"]
-    label = "all sites" if not held else "main run (without " + ", ".join(f"site-{k}" for k in held) + ")"
+    label = "all sites" if not held else "main run (without " + ", ".join(protocol.site_name(k) for k in held) + ")"
     rows = [{"trained_without": None, "label": label, "auroc": _aurocs(results, sites)}]
     unseen = {}
     for folder in folders:
-        left_out = f"site-{folder.name.rsplit('-', 1)[-1]}"
+        left_out = protocol.left_out_site(folder.name)
         part = read_results(folder)
         rows.append({"trained_without": left_out, "label": f"without {left_out}", "auroc": _aurocs(part, sites)})
         unseen[left_out] = rows[-1]["auroc"].get(left_out)

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fedfm.protocol import sorted_sites  # noqa: E402
+
 DPI = 110
 
 
@@ -97,7 +99,7 @@ def loso_heatmap(matrix: dict[str, Any]) -> bytes:
 def baselines_bars(baselines: dict[str, Any]) -> bytes:
     """Test AUROC per site for the federated model and every baseline, side by side."""
     names = list(baselines)
-    sites = sorted({s for b in baselines.values() for s in b["auroc"]}, key=lambda s: int(s.rsplit("-", 1)[-1]))
+    sites = sorted_sites({s for b in baselines.values() for s in b["auroc"]})
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(max(7, 1.4 * (len(sites) + 1) + 2), 3.6))
     for i, name in enumerate(names):

@@ -21,6 +21,7 @@ import fedfm
 from fedfm.config import ExperimentConfig, ModelConfig
 from fedfm.models.astra import sha256_file
 from fedfm.privacy.ledger import LedgerError, SiteLedger
+from fedfm.protocol import is_site_name, site_order
 from fedfm.report.collect import _metrics_with_ci, run_summary, site_rows
 from fedfm.run_folder import CompletedRun, open_run
 
@@ -208,7 +209,8 @@ def privacy_facts(run: CompletedRun, results: dict[str, Any], summary: dict[str,
         units.append("one site (all of its training data): client-level DP at the server")
     names = [r["site"] for r in rows]
     ledger_dir = run.path / "ledger"
-    names += [f.stem for f in sorted(ledger_dir.glob("site-*.jsonl")) if f.stem not in names]
+    names += [f.stem for f in sorted(ledger_dir.glob("*.jsonl"), key=lambda f: site_order(f.stem))
+              if is_site_name(f.stem) and f.stem not in names]
     by_name = {r["site"]: r for r in rows}
     sites = [site_privacy(ledger_dir, name, by_name.get(name), run.config) for name in names]
     return {
@@ -301,7 +303,7 @@ def tuning_facts(run_dir: Path, results: dict[str, Any]) -> dict[str, Any] | Non
         "selection": tuning.get("selection"),
         "sites": {site: {"trials": v.get("trials", v.get("runs")), "epsilon_total": v.get("epsilon_total"),
                          "ps_epsilon": v.get("ps_epsilon")}
-                  for site, v in sorted(privacy.items(), key=lambda kv: _site_key(kv[0]))},
+                  for site, v in sorted(privacy.items(), key=lambda kv: site_order(kv[0]))},
     }
 
 
@@ -537,7 +539,7 @@ def _model_md(facts: dict[str, Any]) -> list[str]:
            else f"; no SHA-256 ({w['sha256_from']})" if w.get("sha256_from") else "")
     adapter = f"{a['method']} ({a['description']}); rank {a['rank']}, alpha {_num(a['alpha'])}, dropout {_num(a['dropout'])}"
     if a["site_ranks"]:
-        adapter += "; per-site ranks " + ", ".join(f"{k} {v}" for k, v in sorted(a["site_ranks"].items(), key=lambda kv: _site_key(kv[0])))
+        adapter += "; per-site ranks " + ", ".join(f"{k} {v}" for k, v in sorted(a["site_ranks"].items(), key=lambda kv: site_order(kv[0])))
     lines = ["## Model", "",
              f"- Backbone: {m['backbone']}",
              f"- Backbone weights: {w['source']}{sha}",
@@ -724,11 +726,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _site_key(name: str) -> tuple[int, str]:
-    tail = name.rsplit("-", 1)[-1]
-    return (int(tail), name) if tail.isdigit() else (10**9, name)
 
 
 def _f(x: Any, digits: int = 3) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fedfm.protocol import sorted_sites
 from fedfm.report.collect import BASELINE_LABELS
 
 METRIC_LABELS = {
@@ -86,7 +87,7 @@ def baselines_table(run: dict[str, Any]) -> Table | None:
     b = run["baselines"]
     if not b:
         return None
-    sites = sorted({s for v in b.values() for s in v["auroc"]}, key=lambda s: int(s.rsplit("-", 1)[-1]))
+    sites = sorted_sites({s for v in b.values() for s in v["auroc"]})
     rows = []
     tuned = any(v.get("chosen") for v in b.values())
     for v in b.values():

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedfm.protocol import CACHE_BUILD_SECONDS, CACHE_BYTES
 from fedfm.models.stages import Stage, model_stages, run_stages
 
 FORMAT_VERSION = 1
@@ -172,8 +173,8 @@ class ActivationCache:
         return FeatureSplit(self.features(model, length, split_name, split.images), split.labels)
 
     def describe(self) -> dict[str, float | int]:
-        return {"cache-build-seconds": self.stats.build_seconds,
-                "cache-bytes": sum(a.nbytes for a in self._open.values())}
+        return {CACHE_BUILD_SECONDS: self.stats.build_seconds,
+                CACHE_BYTES: sum(a.nbytes for a in self._open.values())}
 
 
 def _valid(path: Path, n: int) -> bool:

@@ -26,7 +26,7 @@ def test_load_site_out_of_range():
 def test_dataset_info_synthetic():
     info = dataset_info(DataConfig(num_sites=3, num_classes=4, image_size=48))
     assert (info.num_classes, info.channels, info.image_size) == (4, 1, 48)
-    assert info.site_names == ("site0", "site1", "site2")
+    assert info.site_names == ("site-0", "site-1", "site-2")
 
 
 def test_split_and_label_counts():

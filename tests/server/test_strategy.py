@@ -131,7 +131,8 @@ def test_train_replies_are_anchored_and_a_missing_or_backward_head_is_rejected(t
     from flwr.app import ConfigRecord
 
     from fedfm.privacy.anchors import AnchorLog
-    from fedfm.privacy.heads import REPLY_KEY, head_of
+    from fedfm.privacy.heads import head_of
+    from fedfm.protocol import LEDGER_HEAD as REPLY_KEY
     from fedfm.privacy.ledger import SiteLedger
     from fedfm.privacy.signing import simulation_signer
 
