@@ -231,18 +231,22 @@ class ExperimentConfig(_Section):
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
-    def _check_privacy(self) -> "ExperimentConfig":
+    def _check_sections_together(self) -> "ExperimentConfig":
+        """Checks that need more than one section (each section checks itself)."""
+        self._check_noise()
+        if self.data.partition == "natural" and self.data.source == "synthetic":
+            raise ValueError("data.partition=natural needs site ids in the data; synthetic data has none")
+        self._check_holdout_and_study()
+        self._check_site_ranks()
+        return self
+
+    def _check_noise(self) -> None:
         p = self.privacy
         if p.enabled and p.noise_multiplier is not None and p.target_epsilon is not None:
             raise ValueError(
                 "set privacy.noise_multiplier or privacy.target_epsilon, not both "
                 "(null the one you do not want)"
             )
-        if self.data.partition == "natural" and self.data.source == "synthetic":
-            raise ValueError("data.partition=natural needs site ids in the data; synthetic data has none")
-        self._check_holdout()
-        self._check_site_ranks()
-        return self
 
     def _check_site_ranks(self) -> None:
         ranks = self.lora.site_ranks
@@ -254,7 +258,8 @@ class ExperimentConfig(_Section):
             raise ValueError("lora.site_ranks does not combine with privacy.level=client/both: client-level DP "
                              "clips one update shape for every site; set privacy.level=sample")
 
-    def _check_holdout(self) -> None:
+    def _check_holdout_and_study(self) -> None:
+        """Held-out sites, and the study's parts (baselines, leave-one-site-out, their overrides)."""
         held = self.eval.holdout_sites
         bad = [s for s in held if not 0 <= s < self.data.num_sites]
         if bad:

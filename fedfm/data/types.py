@@ -73,10 +73,3 @@ class DatasetInfo:
 def label_counts(split: Split, num_classes: int) -> list[int]:
     """Number of examples of each class in ``split`` (length ``num_classes``)."""
     return np.bincount(split.labels, minlength=num_classes)[:num_classes].astype(int).tolist()
-
-
-def empty_split(channels: int, size: int, spatial_dims: int = 2) -> Split:
-    """A split with no examples but the right image shape: (0, C, size, size[, size])."""
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    return Split(np.zeros((0, channels) + (size,) * spatial_dims, np.float32), np.zeros((0,), np.int64))

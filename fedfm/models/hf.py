@@ -1,8 +1,8 @@
 """``hf:<hub-id-or-dir>``: a Hugging Face transformers vision encoder (ViT, DINOv2, ...) with a new linear head.
 
 The model reads its input size and mean/std from ``preprocessor_config.json`` when present (else
-``config.image_size`` and ImageNet statistics); ``Backbone.image_size`` is that native size, the data
-layer resizes to it. ``model.pretrained=false`` builds the same architecture with random weights.
+``config.image_size`` and ImageNet statistics); ``Backbone.image_size`` is that native size, and the
+model resizes its input (``data.image_size``) to it in its forward. ``model.pretrained=false`` builds the same architecture with random weights.
 Attention runs in "eager" mode so Opacus sees plain ``nn.Linear`` calls.
 """
 

@@ -26,7 +26,8 @@ class Backbone:
 
     model: nn.Module
     name: str
-    image_size: int  # input size the model expects (the data layer resizes to this)
+    image_size: int  # the model's native input size (informational: the data layer resizes to data.image_size,
+                     #   and a backbone that needs its own size, like hf:, resizes inside its forward)
     lora_targets: str  # default regex for peft ``target_modules``
     head: list[str]  # module names of the newly initialised classifier -> peft ``modules_to_save``
     spatial_dims: int = 2  # 2: images, 3: volumes

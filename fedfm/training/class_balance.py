@@ -127,6 +127,6 @@ class PostClipWeights:
 
     def install(self, optimizer: DPOptimizer) -> None:
         """Replace ``optimizer``'s clipping by the weighted one (an instance attribute, as
-        :func:`fedfm.training.per_sample.use_fast_clipping` does)."""
+        :func:`fedfm.training.per_sample.use_fused_per_sample_clipping` does)."""
         optimizer.clip_and_accumulate = types.MethodType(
             lambda opt: clip_and_accumulate(opt, sample_weights=self.take()), optimizer)

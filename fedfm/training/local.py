@@ -30,7 +30,7 @@ from fedfm.models.lora import train_mode
 from fedfm.privacy.accountant import SiteAccountant
 from fedfm.training.activation_cache import FeatureSplit
 from fedfm.training.class_balance import PostClipWeights
-from fedfm.training.per_sample import per_sample_linear_layers, unsupported_layer, use_fast_clipping
+from fedfm.training.per_sample import per_sample_linear_layers, unsupported_layer, use_fused_per_sample_clipping
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader:
         )
     try:
         if fused:
-            use_fast_clipping(private_opt)
+            use_fused_per_sample_clipping(private_opt)
             with per_sample_linear_layers(model):
                 yield private_model, private_opt, private_loader
         else:

@@ -162,7 +162,7 @@ def clip_and_accumulate(optimizer: DPOptimizer, sample_weights: torch.Tensor | N
         _mark_as_processed(p.grad_sample)
 
 
-def use_fast_clipping(optimizer: DPOptimizer) -> None:
+def use_fused_per_sample_clipping(optimizer: DPOptimizer) -> None:
     """Make ``optimizer`` clip with :func:`clip_and_accumulate` (an instance attribute, so
     wrappers installed later, such as gradient canaries, wrap this one)."""
     optimizer.clip_and_accumulate = types.MethodType(clip_and_accumulate, optimizer)

@@ -13,7 +13,6 @@ from fedfm.data.resize import prepare_images, raw_spatial_dims, resize_images
 from fedfm.data.shift import apply_shift, bias_field, site_shift_params
 from fedfm.data.synthetic import balanced_labels, load_synthetic_sites
 from fedfm.data.synthetic3d import render_volumes
-from fedfm.data.types import empty_split
 
 COUNTS = {"train": 60, "val": 15, "test": 24}
 BASE = {"train": 0, "val": 70, "test": 100}  # volume value ranges per split, so provenance is visible
@@ -61,16 +60,12 @@ def medmnist_cfg(path: Path, **kw) -> DataConfig:
 # --- types ---------------------------------------------------------------------------------------
 
 
-def test_split_and_empty_split_know_their_spatial_dims():
+def test_a_split_knows_its_spatial_dims():
     vol = Split(np.zeros((4, 1, 6, 6, 6), np.float32), np.zeros(4, np.int64))
     img = Split(np.zeros((4, 3, 6, 6), np.float32), np.zeros(4, np.int64))
     assert (vol.spatial_dims, img.spatial_dims) == (3, 2)
-    assert empty_split(1, 16, spatial_dims=3).images.shape == (0, 1, 16, 16, 16)
-    assert empty_split(3, 16).images.shape == (0, 3, 16, 16)
     with pytest.raises(ValueError):
         Split(np.zeros((4, 1, 2, 6, 6, 6), np.float32), np.zeros(4, np.int64))
-    with pytest.raises(ValueError):
-        empty_split(1, 16, spatial_dims=4)
 
 
 # --- resizing ------------------------------------------------------------------------------------
