@@ -154,14 +154,14 @@ class EvalReplyContent:
     labels: np.ndarray | None = None
     personal: dict[str, Any] = field(default_factory=dict)  # the personalized model's metrics
     personal_probs: np.ndarray | None = None
-    statistics: dict[str, Any] = field(default_factory=dict)  # calibration statistics (prefix ``statistics_prefix``)
+    statistics: dict[str, Any] = field(default_factory=dict)  # calibration statistics (STATISTICS_PREFIX keys)
 
 
-def decode_eval_reply(metrics: Mapping[str, Any], statistics_prefix: str) -> EvalReplyContent:
+def decode_eval_reply(metrics: Mapping[str, Any]) -> EvalReplyContent:
     """Split an evaluate reply's metrics into the site, its metrics, predictions, personalized
-    metrics and calibration statistics (keys starting with ``statistics_prefix``)."""
+    metrics and calibration statistics."""
     rest = dict(metrics)
-    stats = {k: rest.pop(k) for k in list(rest) if k.startswith(statistics_prefix)}
+    stats = {k: rest.pop(k) for k in list(rest) if k.startswith(STATISTICS_PREFIX)}
     personal = {k[len(PERSONAL):]: rest.pop(k) for k in list(rest) if k.startswith(PERSONAL)}
     probs = labels = own = None
     if PROBS in rest:

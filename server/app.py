@@ -21,7 +21,6 @@ from fedfm.protocol import (
     RETURN_PREDICTIONS,
     ROUND_OFFSET,
     SPLIT,
-    STATISTICS_PREFIX,
     decode_eval_reply,
 )
 from fedfm.results import RunRecorder, SiteEvaluation
@@ -133,7 +132,7 @@ def evaluate_split(grid: Grid, arrays: ArrayRecord, split: str, predictions: boo
         if reply.has_error():
             print(f"[fedfm] node {reply.metadata.src_node_id} failed its test evaluation: {reply.error.reason}")
             continue
-        content = decode_eval_reply(reply.content[METRICS], STATISTICS_PREFIX)
+        content = decode_eval_reply(reply.content[METRICS])
         if content.statistics and statistics is not None:
             statistics.append(content.statistics)
         own = None
