@@ -84,6 +84,18 @@ class RunRecorder:
         self.round_offset = done
         return done, load_file(str(self.run_dir / "checkpoint" / "adapter.safetensors"))
 
+    def stop(self, reason: str) -> bool:
+        """Record why training ends before the planned rounds; False when it had already stopped."""
+        if self.stopped is not None:
+            return False
+        self.stopped = reason
+        return True
+
+    def record_client_level(self, guarantee: dict[str, Any] | None) -> None:
+        """The client-level DP guarantee after the latest release (results.json ``client_level``)."""
+        if guarantee is not None:
+            self.client_level = dict(guarantee)
+
     def record_transfer(self, adapter_bytes: int, messages: int, upload: bool = False) -> None:
         """Count ``messages`` adapters of ``adapter_bytes`` each; ``upload``: sent by sites (train replies)."""
         self.update_bytes = adapter_bytes

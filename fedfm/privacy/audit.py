@@ -33,6 +33,7 @@ from opacus.accountants import RDPAccountant
 
 from fedfm.privacy.accountant import SiteAccountant
 from fedfm.privacy.anchors import ANCHOR_LOG, AnchorLog, check_ledger, verify_log
+from fedfm.privacy.client_level import DP_ACCOUNTING_RDP
 from fedfm.privacy.ledger import LedgerError, SiteLedger, batch_of
 from fedfm.protocol import site_id as protocol_site_id
 from fedfm.privacy.signing import KEYS_DIR, SigningError, load_public_key, public_key_id, verify_signature
@@ -45,7 +46,6 @@ INTEGER_ORDERS = [float(a) for a in range(2, 64) if a != 11]
 INTEGER_RDP_RELATIVE_GAP = 1e-6
 PRV_MINUS_PLD = (0.0, 0.011)
 REPORTED_ABS_TOL = 1e-6
-DP_ACCOUNTING_RDP = "dp-accounting-rdp"  # the accountant behind Flower's client-level RdpAccountant
 # Both libraries bound epsilon over a grid of RDP orders; using Opacus' grid in dp-accounting
 # makes the two RDP values comparable (with their own grids they differ by up to ~0.5 %).
 RDP_ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)
@@ -459,7 +459,7 @@ def audit_markdown(audits: list[SiteAudit], libraries: dict[str, str]) -> str:
                 f"({a.reported_epsilon:.3f}, {a.delta:g})-differential privacy with respect to adding or removing "
                 "one whole hospital (all of its images), with the server trusted to clip and add the noise.",
                 "",
-                "- DP setting: client-level (DP-FedAvg, server-side fixed clipping, Flower); the server is trusted.",
+                "- DP setting: client-level (DP-FedAvg: server-side fixed clipping of each site's update, Gaussian noise); the server is trusted.",
                 "- Privacy unit and adjacency: one site; add/remove one.",
                 f"- Accounting: Gaussian mechanism per round, noise multiplier {last['noise_multiplier']}, update "
                 f"clipping norm {last['max_grad_norm']}, no amplification from site sampling, "

@@ -1,0 +1,195 @@
+"""The server's side of a round, without a transport: which sites to ask, which replies count,
+the aggregate, and what the run records.
+
+A round is ``train_nodes`` -> (the glue sends the adapter, collects :class:`Reply` objects) ->
+``receive_train`` -> ``evaluate_nodes`` -> ``receive_evaluate``. Refusals and held-out sites
+follow the protocol in ``fedfm.protocol``: a held-out site is never asked to train again; a site
+out of budget (or with a rolled-back ledger) is not asked again, and when every site is, training
+stops cleanly. Under DP-SGD every train reply's signed ledger head goes into the coordinator's
+anchor log before its update is judged (a site that trained spent privacy, even if its update
+is then rejected).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from typing import Any
+
+from fedfm.config import ExperimentConfig
+from fedfm.federation.aggregate import Adapter, Aggregator, FedAvg, StackedLora
+from fedfm.federation.client_dp import ClientLevelDP
+from fedfm.federation.progress import progress_line
+from fedfm.federation.replies import Reply, Screening, adapter_problem, rank_problem
+from fedfm.privacy.anchors import AnchorLog, AnchorRejected
+from fedfm.privacy.heads import LedgerHead
+from fedfm.protocol import ROUND_OFFSET, SERVER_ROUND, SITE_ID, SPLIT, site_order
+from fedfm.results import RunRecorder
+from fedfm.transport import decode, encode
+
+log = logging.getLogger("fedfm")
+
+
+def sample_nodes(connected: list[int], fraction: float, minimum: int, min_available: int,
+                 rng: random.Random) -> list[int] | None:
+    """``max(int(n * fraction), minimum)`` of the ``n`` connected nodes, drawn at random; None
+    while fewer than that (or than ``min_available``) are connected; [] for fraction 0."""
+    if fraction == 0.0:
+        return []
+    size = max(int(len(connected) * fraction), minimum)
+    if len(connected) < max(size, min_available):
+        return None
+    return rng.sample(connected, size)
+
+
+class Coordinator:
+    """One run's federation state across rounds (``recorder`` keeps what results.json says)."""
+
+    def __init__(self, config: ExperimentConfig, recorder: RunRecorder, adapter_keys: list[str],
+                 aggregator: Aggregator, anchors: AnchorLog | None = None, run_id: str = "",
+                 rng: random.Random | None = None):
+        self.config = config
+        self.recorder = recorder
+        self.adapter_keys = list(adapter_keys)
+        self.aggregator = aggregator
+        self.anchors = anchors
+        self.run_id = run_id
+        self.rng = rng if rng is not None else random.Random()
+        self.current: Adapter = {}  # the round's global adapter, fp32, as sent
+        self.round = Screening()
+        self.out_of_budget: set[int] = set()  # nodes that refused a round for the whole run
+        self.held_out: set[int] = set()  # nodes of held-out sites: never asked to train again
+
+    # --- numbering: Flower-style rounds 1..n of this process, plus the rounds before a resume ---
+    def absolute(self, server_round: int) -> int:
+        return server_round + self.recorder.round_offset
+
+    def message_config(self, server_round: int, split: str | None = None) -> dict[str, Any]:
+        config: dict[str, Any] = {ROUND_OFFSET: self.recorder.round_offset, SERVER_ROUND: server_round}
+        if split is not None:
+            config[SPLIT] = split
+        return config
+
+    # --- train ---------------------------------------------------------------------------------
+    def train_nodes(self, server_round: int, connected: list[int]) -> list[int] | None:
+        """The nodes to train this round ([]: none, training has stopped; None: wait for more)."""
+        available = set(connected) - self.held_out
+        if available and available <= self.out_of_budget:
+            reason = f"round {self.absolute(server_round)}: every site has spent its privacy budget"
+            if self.recorder.stop(reason):
+                log.warning("%s; no further training", reason)
+            return []
+        fed = self.config.federation
+        nodes = sample_nodes(connected, fed.fraction_train, fed.min_train_sites, fed.min_train_sites, self.rng)
+        return None if nodes is None else [n for n in nodes if n not in self.held_out]
+
+    def outgoing(self, adapter: Adapter) -> Adapter:
+        """The adapter as it goes on the wire (``federation.transport``); kept in fp32 as the round's global."""
+        self.current = adapter
+        return encode(adapter, self.config.federation.transport)
+
+    def sent(self, nbytes: int, messages: int) -> None:
+        """Count ``messages`` adapters of ``nbytes`` each sent to sites."""
+        self.recorder.record_transfer(nbytes, messages)
+
+    def receive_train(self, server_round: int, replies: Iterable[Reply]) -> Adapter | None:
+        """Screen the round's train replies and aggregate the ones that count; None: no new adapter."""
+        self.round = Screening()
+        if self.recorder.stopped is not None:
+            return None
+        self.round = self.screen(server_round, replies)
+        for reply in self.round.kept:  # count what crossed the network, then average in fp32
+            self.recorder.record_transfer(reply.nbytes, 1, upload=True)
+            reply.arrays = decode(reply.arrays)
+        adapter = self.aggregator.aggregate(self.absolute(server_round), self.current, self.round.kept)
+        if isinstance(self.aggregator, ClientLevelDP):
+            self.recorder.record_client_level(self.aggregator.guarantee)
+        return adapter
+
+    def screen(self, server_round: int, replies: Iterable[Reply]) -> Screening:
+        out = Screening()
+        for reply in replies:
+            if reply.failed:
+                if reply.held_out:
+                    self.held_out.add(reply.node)
+                    continue  # not a refusal: the site is there to be evaluated as unseen
+                if reply.refused_for_the_run:
+                    self.out_of_budget.add(reply.node)
+                out.refused[reply.label] = reply.error_reason or f"error code {reply.error_code}"
+                log.warning("round %d: %s did not train: %s", server_round, reply.label, out.refused[reply.label])
+                continue
+            anchored = self.anchor(server_round, reply)
+            problem = self.reply_problem(reply) or anchored
+            if problem:
+                out.refused[reply.label] = f"rejected: {problem}"
+                log.warning("round %d: reply of %s rejected: %s", server_round, reply.label, problem)
+                continue
+            out.trained[reply.site] = dict(reply.metrics)
+            out.kept.append(reply)
+        out.kept.sort(key=lambda r: int(r.metrics[SITE_ID]))  # the average must not depend on arrival order
+        return out
+
+    def anchor(self, server_round: int, reply: Reply) -> str | None:
+        """Anchor the reply's ledger head (DP-SGD runs); why it cannot be, or None."""
+        head, reply.ledger_head = reply.ledger_head, None
+        if self.anchors is None:
+            return None
+        if head is None:
+            return "a DP-SGD site's train reply must carry its signed ledger head"
+        try:
+            self.anchors.append(LedgerHead.from_dict(dict(head)), self.absolute(server_round), self.run_id)
+        except AnchorRejected as err:
+            return str(err)
+        except (KeyError, TypeError, ValueError) as err:
+            return f"its ledger head is malformed ({err})"
+        return None
+
+    def reply_problem(self, reply: Reply) -> str | None:
+        """Why a train reply cannot be averaged, or None when it can."""
+        if reply.malformed or reply.arrays is None or reply.metrics is None:
+            return reply.malformed or "a train reply needs one ArrayRecord and one MetricRecord"
+        problem = adapter_problem(reply.arrays, self.adapter_keys)
+        if problem is None and self.config.lora.stacked:
+            problem = rank_problem(reply.arrays, reply.site, self.config.lora.rank_for(reply.site))
+        return problem
+
+    # --- evaluate ------------------------------------------------------------------------------
+    def evaluate_nodes(self, server_round: int, connected: list[int]) -> list[int] | None:
+        """The nodes to evaluate the round's adapter on their validation split (eval.every_round)."""
+        if self.recorder.stopped is not None:
+            return []
+        fed = self.config.federation
+        fraction = fed.fraction_evaluate if self.config.eval.every_round else 0.0
+        return sample_nodes(connected, fraction, 1, fed.min_train_sites, self.rng)
+
+    def receive_evaluate(self, server_round: int, replies: Iterable[Reply]) -> dict[str, Any] | None:
+        """Record the round (training and validation) and print its progress line."""
+        replies = list(replies)
+        if self.recorder.stopped is not None and not self.round.trained:
+            return None
+        evaluation = {r.site: dict(r.metrics) for r in replies if not r.failed}
+        evaluation = {site: evaluation[site] for site in sorted(evaluation, key=site_order)}
+        entry = self.recorder.record_round(server_round, self.round.trained, self.round.refused, evaluation)
+        print(progress_line(entry, self.config.federation.rounds), flush=True)
+        return entry
+
+
+def build_aggregator(config: ExperimentConfig, run_dir) -> Aggregator:
+    """FedAvg, FLoRA stacking (lora.site_ranks) or client-level DP-FedAvg, as the config says."""
+    if config.privacy.client_level:
+        client, fed = config.privacy.client, config.federation
+        sampled = max(int(config.data.num_sites * fed.fraction_train), fed.min_train_sites)
+        return ClientLevelDP(client.noise_multiplier, client.clipping_norm, sampled, config.data.num_sites,
+                             client.delta, run_dir / "ledger-federation")
+    if config.lora.stacked:
+        return StackedLora(config.lora.alpha, config.lora.stack_max_rank)
+    return FedAvg()
+
+
+def build_coordinator(config: ExperimentConfig, recorder: RunRecorder, adapter_keys: list[str],
+                      anchors: AnchorLog | None = None, run_id: str = "") -> Coordinator:
+    """The run's coordinator; ``anchors`` (DP-SGD runs) is the log of the sites' ledger heads."""
+    return Coordinator(config, recorder, adapter_keys, build_aggregator(config, recorder.run_dir),
+                       anchors if config.privacy.sample_level else None, run_id)
+
