@@ -148,11 +148,12 @@ def load_folder_sites(cfg: DataConfig) -> list[SiteData]:
             f"({', '.join(p.name for p in sites[:10])}): set data.num_sites={len(sites)}"
         )
     classes, files = _scan(root, sites)
-    if len(classes) > cfg.num_classes:
+    if cfg.num_classes is not None and len(classes) > cfg.num_classes:
         raise DataError(
             f"data.num_classes={cfg.num_classes} but data.path '{cfg.path}' has {len(classes)} class folders "
-            f"({', '.join(classes[:10])}): set data.num_classes={len(classes)}"
+            f"({', '.join(classes[:10])}): set data.num_classes={len(classes)} or leave it out"
         )
+    num_classes = cfg.num_classes or len(classes)  # None: the class folders say
     index = {c: i for i, c in enumerate(classes)}
     loaded = {key: _load(entries, index, cfg.image_size) for key, entries in files.items()}
     channels = max((imgs.shape[1] for imgs, _ in loaded.values() if len(imgs)), default=1)
@@ -160,12 +161,12 @@ def load_folder_sites(cfg: DataConfig) -> list[SiteData]:
     for site_id, site in enumerate(sites):
         if (site.name, "") in loaded:
             images, labels = loaded[(site.name, "")]
-            out.append(build_site(cfg, site_id, site.name, _to_channels(images, channels), labels, cfg.num_classes))
+            out.append(build_site(cfg, site_id, site.name, _to_channels(images, channels), labels, num_classes))
             continue
         empty = (np.zeros((0, channels, cfg.image_size, cfg.image_size), np.float32), np.zeros(0, np.int64))
         splits = {}
         for split in SPLITS:
             images, labels = loaded.get((site.name, split), empty)
             splits[split] = (_to_channels(images, channels), labels)
-        out.append(site_from_splits(cfg, site_id, site.name, splits, cfg.num_classes))
+        out.append(site_from_splits(cfg, site_id, site.name, splits, num_classes))
     return out

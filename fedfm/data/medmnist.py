@@ -226,11 +226,12 @@ def load_medmnist_sites(cfg: DataConfig) -> list[SiteData]:
     if all_labels.size and all_labels.min() < 0:
         raise DataError(f"data.path '{npz}' has negative labels: labels must be 0..num_classes-1")
     found = int(all_labels.max()) + 1 if all_labels.size else 0
-    if found > cfg.num_classes:
+    if cfg.num_classes is not None and found > cfg.num_classes:
         raise DataError(
             f"data.num_classes={cfg.num_classes} but data.path '{npz}' has labels up to {found - 1}: "
-            f"set data.num_classes={found}"
+            f"set data.num_classes={found} or leave it out"
         )
+    num_classes = cfg.num_classes or found  # None: the labels say
     site_ids = _natural_site_ids(arrays, cfg, npz) if cfg.partition == "natural" else None
     names = _site_names(arrays, cfg, npz)
     dims = _spatial_dims(arrays, cfg, npz)
@@ -240,7 +241,7 @@ def load_medmnist_sites(cfg: DataConfig) -> list[SiteData]:
         if site_ids is not None:
             parts = natural_partition(site_ids[split], cfg.num_sites, what=f"{split}_sites of '{npz}'")
         else:
-            parts = partition_indices(labels[split], cfg, salt=salt, num_classes=cfg.num_classes)
+            parts = partition_indices(labels[split], cfg, salt=salt, num_classes=num_classes)
         for s, idx in enumerate(parts):
             per_site[s][split] = (prepare_images(images[idx], cfg.image_size, dims), labels[split][idx])
-    return [site_from_splits(cfg, s, names[s], per_site[s], cfg.num_classes) for s in range(cfg.num_sites)]
+    return [site_from_splits(cfg, s, names[s], per_site[s], num_classes) for s in range(cfg.num_sites)]
