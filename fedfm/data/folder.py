@@ -194,15 +194,20 @@ def site_folders(cfg: DataConfig) -> tuple[Path, list[Path]]:
     return root, sites
 
 
-def load_folder_sites(cfg: DataConfig) -> list[SiteData]:
-    """All sites under ``cfg.path`` (one per site folder, sorted by name)."""
-    root, sites = site_folders(cfg)
-    classes, files = scan_tree(root, sites)
+def check_classes_fit(cfg: DataConfig, classes: list[str]) -> None:
+    """The class folders fit data.num_classes (when set)."""
     if cfg.num_classes is not None and len(classes) > cfg.num_classes:
         raise DataError(
             f"data.num_classes={cfg.num_classes} but data.path '{cfg.path}' has {len(classes)} class folders "
             f"({', '.join(classes[:10])}): set data.num_classes={len(classes)} or leave it out"
         )
+
+
+def load_folder_sites(cfg: DataConfig) -> list[SiteData]:
+    """All sites under ``cfg.path`` (one per site folder, sorted by name)."""
+    root, sites = site_folders(cfg)
+    classes, files = scan_tree(root, sites)
+    check_classes_fit(cfg, classes)
     num_classes = cfg.num_classes or len(classes)  # None: the class folders say
     index = {c: i for i, c in enumerate(classes)}
     loaded = {key: _load(entries, index, cfg.image_size) for key, entries in files.items()}

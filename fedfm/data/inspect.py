@@ -10,7 +10,6 @@ compares them with what the config declares.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from fedfm.config import DataConfig
 from fedfm.data.types import DatasetInfo
@@ -44,18 +43,6 @@ class DataFacts:
         sites = ", ".join(f"{name} {n['train']}/{n['val']}/{n['test']}" for name, n in self.split_sizes.items())
         return (f"data {self.dataset}: {self.num_classes} classes, {self.channels} channel(s), {stored} -> {size}; "
                 f"train/val/test {sites}")
-
-
-def dataset_name(cfg: DataConfig) -> str:
-    """What the data at ``cfg`` is called, from the data's own location, not from ``data.name``."""
-    if cfg.source == "synthetic":
-        return SYNTHETIC
-    path = Path(cfg.path).expanduser() if cfg.path else None
-    if cfg.source == "folder" and path is not None:
-        return path.resolve().name
-    if path is not None and (path.is_file() or not cfg.name):
-        return path.stem
-    return str(cfg.name)  # downloaded by name: the file is <download_dir>/<name>.npz
 
 
 def inspect_data(cfg: DataConfig) -> DataFacts:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fedfm.config import DataConfig
 from fedfm.data.errors import DataError
-from fedfm.data.folder import image_channels, scan_tree, site_folders
+from fedfm.data.folder import check_classes_fit, image_channels, scan_tree, site_folders
 from fedfm.data.inspect import DataFacts
 from fedfm.data.sites import SPLITS
 from fedfm.data.splits import split_counts
@@ -19,6 +19,7 @@ from fedfm.data.splits import split_counts
 def folder_facts(cfg: DataConfig) -> DataFacts:
     root, sites = site_folders(cfg)
     classes, files = scan_tree(root, sites)
+    check_classes_fit(cfg, classes)  # before the other class checks, as the loader does
     where = f"data.path '{cfg.path}'"
     listed = ", ".join(classes[:10])
     if len(classes) < 2:

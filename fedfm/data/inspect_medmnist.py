@@ -15,6 +15,7 @@ from fedfm.config import DataConfig
 from fedfm.data.errors import DataError
 from fedfm.data.inspect import DataFacts
 from fedfm.data.medmnist import (
+    check_labels_fit,
     classes_found,
     natural_site_ids,
     require_keys,
@@ -39,6 +40,7 @@ def medmnist_facts(cfg: DataConfig) -> DataFacts:
     arrays: dict[str, np.ndarray | ArrayHeader] = {**headers, **read_arrays(npz, small)}
     labels = {s: split_labels(arrays, s, npz) for s in SPLITS}
     found = classes_found(labels, npz)
+    check_labels_fit(cfg, found, npz)  # before the other class checks, as the loader does
     _check_classes(labels, found, npz)
     dims = spatial_dims_of(arrays, cfg, npz)
     channels = _channels(headers, dims, npz)

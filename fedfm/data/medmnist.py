@@ -191,6 +191,15 @@ def _split_dims(images: Any, split: str, cfg: DataConfig, npz: Path) -> int:
     return found
 
 
+def check_labels_fit(cfg: DataConfig, found: int, npz: Path) -> None:
+    """Labels up to ``found - 1`` fit data.num_classes (when set)."""
+    if cfg.num_classes is not None and found > cfg.num_classes:
+        raise DataError(
+            f"data.num_classes={cfg.num_classes} but data.path '{npz}' has labels up to {found - 1}: "
+            f"set data.num_classes={found} or leave it out"
+        )
+
+
 def spatial_dims_of(arrays: Mapping[str, Any], cfg: DataConfig, npz: Path) -> int:
     """2 or 3 from the ``train_images`` shape (or ``data.spatial_dims`` where the shape cannot say).
 
@@ -261,11 +270,7 @@ def load_medmnist_sites(cfg: DataConfig) -> list[SiteData]:
     arrays = _read(npz)
     labels = {s: split_labels(arrays, s, npz) for s in SPLITS}
     found = classes_found(labels, npz)
-    if cfg.num_classes is not None and found > cfg.num_classes:
-        raise DataError(
-            f"data.num_classes={cfg.num_classes} but data.path '{npz}' has labels up to {found - 1}: "
-            f"set data.num_classes={found} or leave it out"
-        )
+    check_labels_fit(cfg, found, npz)
     num_classes = cfg.num_classes or found  # None: the labels say
     site_ids = natural_site_ids(arrays, cfg, npz) if cfg.partition == "natural" else None
     names = site_names_of(arrays, cfg, npz)
