@@ -19,7 +19,7 @@ import os
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,7 @@ def resolve_npz(cfg: DataConfig) -> Path:
     return download_npz(cfg.name, cfg.download_dir)
 
 
-def require_keys(keys, npz: Path) -> None:
+def require_keys(keys: Container[str], npz: Path) -> None:
     """Every split's ``_images`` and ``_labels`` are in the file."""
     missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in keys]
     if missing:
