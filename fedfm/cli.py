@@ -62,13 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer steps and sites (minutes, not an hour)")
     bench.add_argument("--out", default="runs/bench", help="where to write bench.json (default: runs/bench)")
     bench.add_argument("--only", default=None, metavar="PARTS", help="comma-separated subset of steps,comm,scale,deploy,foundation")
-    check = sub.add_parser("config", help="validate a config and print it resolved")
+    check = sub.add_parser("config", help="validate a config, check it against its data and print it resolved")
     check.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     return parser
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedfm.data.resolve import check_data, resolve_data
     from fedfm.models.registry import check_backbone
     from fedfm.simulate import resumable_run
     from fedfm.study import run_study
@@ -77,10 +78,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if args.overrides or args.out:
             raise ConfigError("--resume continues a run with its own config: drop --set and --out")
         config, run_dir = resumable_run(args.resume)
+        check_data(config.data)  # the data still matches the run's recorded config, which stays as it is
         run_dir = run_study(config, str(run_dir), args.verbose, resume=True, until_round=args.until_round)
     else:
         config = load_config(args.config, args.overrides)
-        check_backbone(config.model, config.data.spatial_dims or 2)  # missing weights: one line, before Flower
+        facts = resolve_data(config.data)  # before Flower and before the run folder: one line, exit 2
+        check_backbone(config.model, facts.spatial_dims)  # missing weights: one line, before Flower
+        print(f"[fedfm] {facts.summary()}", flush=True)
         run_dir = run_study(config, args.out, verbose=args.verbose, until_round=args.until_round)
     if json.loads((run_dir / "results.json").read_text())["status"] == "complete":
         print_summary(run_dir)
@@ -90,15 +94,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from datetime import datetime
 
+    from fedfm.data.resolve import resolve_data
     from fedfm.models.registry import check_backbone
     from fedfm.tune import parse_grid, parse_method_grids, run_tuning
 
     config = load_config(args.config, args.overrides)
+    facts = resolve_data(config.data)  # every candidate trains on this data: checked once, before any trial
     grid = parse_grid(args.grid)
     method_grids = parse_method_grids(args.method_grid, grid, ["federated", *config.eval.baselines])
     if args.resume and not args.out:
         raise ConfigError("--resume continues the search in --out: pass --out RUN_DIR")
-    check_backbone(config.model, config.data.spatial_dims or 2)
+    check_backbone(config.model, facts.spatial_dims)
     out = args.out or str(Path("runs") / f"{config.output.name}-tune-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     run_dir = run_tuning(config, grid, out, verbose=args.verbose, resume=args.resume,
                          random_trials=args.random_trials, seed=args.seed, method_grids=method_grids)
@@ -205,10 +211,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         print(f"wrote {private} (private: stays at this site; it authenticates the SuperNode and signs the ledger) "
               f"and {public}: send {public.name} to the coordinator")
         return 0
+    from fedfm.data.resolve import resolve_data
     from fedfm.deploy.local import deploy_local
 
     overrides = list(args.overrides) + ([f"data.num_sites={args.sites}"] if args.sites else [])
-    run_dir = deploy_local(load_config(args.config, overrides), args.out, verbose=args.verbose, state=args.state)
+    config = load_config(args.config, overrides)
+    facts = resolve_data(config.data)  # before any process, key or run folder: one line, exit 2
+    print(f"[fedfm] {facts.summary()}", flush=True)
+    run_dir = deploy_local(config, args.out, verbose=args.verbose, state=args.state)
     print_summary(run_dir)
     return 0
 
@@ -254,7 +264,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(json.dumps(load_config(args.config, args.overrides).model_dump(), indent=2))
+    from fedfm.data.resolve import resolve_data
+
+    config = load_config(args.config, args.overrides)
+    resolve_data(config.data)  # the data opened and checked; num_classes and dataset as a run would get them
+    print(json.dumps(config.model_dump(), indent=2))
     return 0
 
 

@@ -37,12 +37,25 @@ class DataConfig(_Section):
     # 2: images (N, C, S, S); 3: volumes (N, C, S, S, S), S = image_size. None = read from the data
     # (a MedMNIST file's array shape; synthetic and folder default to 2); folder supports only 2
     spatial_dims: Literal[2, 3] | None = None
-    num_classes: int = Field(2, ge=2)
+    # classes of the task (the model's outputs). None = read from the data (MedMNIST labels, folder
+    # class folders; synthetic: 2); a number is checked against the data before a run starts
+    num_classes: int | None = Field(None, ge=2)
     samples_per_site: int = Field(300, ge=10)
     site_shift: float = Field(1.0, ge=0)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)
     download_dir: str = "~/.fedfm/data"
+    # what reports call the data, recorded from the data itself before a run starts (the .npz file's
+    # stem, the folder's name, "synthetic"); None = not read yet. Leave it out of a config
+    dataset: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _synthetic_classes(cls, raw: Any) -> Any:
+        """Synthetic data has no labels to read num_classes from: it keeps its default of 2."""
+        if isinstance(raw, dict) and raw.get("source", "synthetic") == "synthetic" and raw.get("num_classes") is None:
+            return {**raw, "num_classes": 2}
+        return raw
 
     @model_validator(mode="after")
     def _check_source(self) -> "DataConfig":

@@ -5,7 +5,9 @@ volumes, label = number of lesions), ``medmnist`` (a MedMNIST 2D or 3D .npz by p
 official splits kept) and ``folder`` (``<root>/<site>/[<split>/]<class>/<image>``, 2D only).
 Images come out float32 (N, C, S, S) in [0, 1], or (N, C, S, S, S) for 3D volumes
 (``data.spatial_dims``; ``SiteData.spatial_dims`` says which), with S = data.image_size and
-C = 1 (gray) or 3 (RGB); labels are int64.
+C = 1 (gray) or 3 (RGB); labels are int64. ``data.num_classes`` left out (None) is read from the
+data. Before a run, :func:`fedfm.data.resolve.resolve_data` reads the data's facts
+(:mod:`fedfm.data.inspect`), checks the config against them and fills in what it left out.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from fedfm.data.types import SiteData
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy"}
 
 
-def _subdirs(path: Path) -> list[Path]:
+def subfolders(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
@@ -72,13 +72,57 @@ def _read_with_pillow(path: Path) -> np.ndarray:
         return np.asarray(img)
 
 
+def image_channels(path: Path) -> int:
+    """C of the (C, H, W) :func:`read_image` makes of ``path``, from the file's header (no pixels decoded)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return _shape_channels(np.load(path, mmap_mode="r", allow_pickle=False).shape, path)
+        if _has_pillow():
+            from PIL import Image
+
+            with Image.open(path) as img:
+                return 1 if img.mode in _PILLOW_GRAY else 3  # as _read_with_pillow converts it
+        if suffix == ".png":
+            return _png_channels(path)
+    except (OSError, ValueError) as err:
+        raise DataError(f"data.path: cannot read image '{path}' ({err}): fix or remove the file") from None
+    raise DataError(f"data.path: reading '{path}' ({suffix}) needs Pillow: pip install pillow, or convert to .png/.npy")
+
+
+_PILLOW_GRAY = ("L", "I;16", "I;16B", "I;16L", "I", "F", "1", "LA")
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 1, 6: 3}  # colour type -> channels after read_png, alpha dropped
+
+
+def _png_channels(path: Path) -> int:
+    with open(path, "rb") as fh:
+        head = fh.read(33)
+    if len(head) < 33 or not head.startswith(b"\x89PNG\r\n\x1a\n") or head[12:16] != b"IHDR":
+        raise ValueError("not a PNG file")
+    if head[25] not in _PNG_CHANNELS:
+        raise ValueError(f"PNG colour type {head[25]} is not supported without Pillow: pip install pillow")
+    return _PNG_CHANNELS[head[25]]
+
+
+def _shape_channels(shape: tuple[int, ...], path: Path) -> int:
+    """C of an image array of ``shape`` once channels-first and without alpha (1 gray, 3 RGB)."""
+    if len(shape) == 3 and shape[-1] in (1, 2, 3, 4):
+        channels = shape[-1]
+    elif len(shape) == 2:
+        channels = 1
+    elif len(shape) == 3 and shape[0] in (1, 3):
+        channels = shape[0]
+    else:
+        raise DataError(f"data.path: image '{path}' has shape {shape}; expected (H, W), (H, W, C) or (C, H, W)")
+    return {2: 1, 4: 3}.get(channels, channels)
+
+
 def _to_chw(arr: np.ndarray, path: Path) -> np.ndarray:
+    _shape_channels(arr.shape, path)  # an array that is no image is an error
     if arr.ndim == 3 and arr.shape[-1] in (1, 2, 3, 4):
         arr = np.moveaxis(arr, -1, 0)
     elif arr.ndim == 2:
         arr = arr[None]
-    elif not (arr.ndim == 3 and arr.shape[0] in (1, 3)):
-        raise DataError(f"data.path: image '{path}' has shape {arr.shape}; expected (H, W), (H, W, C) or (C, H, W)")
     if arr.shape[0] in (2, 4):  # drop alpha
         arr = arr[:-1]
     if arr.dtype == np.uint8:
@@ -94,11 +138,11 @@ def _to_chw(arr: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _is_split_layout(site: Path) -> bool:
-    names = {p.name for p in _subdirs(site)}
+    names = {p.name for p in subfolders(site)}
     return "train" in names and names <= set(SPLITS)
 
 
-def _scan(root: Path, sites: list[Path]) -> tuple[list[str], dict[tuple[str, str], list[tuple[Path, str]]]]:
+def scan_tree(root: Path, sites: list[Path]) -> tuple[list[str], dict[tuple[str, str], list[tuple[Path, str]]]]:
     """Class names and, per (site, split or ''), the (file, class name) pairs."""
     files: dict[tuple[str, str], list[tuple[Path, str]]] = {}
     classes: set[str] = set()
@@ -106,7 +150,7 @@ def _scan(root: Path, sites: list[Path]) -> tuple[list[str], dict[tuple[str, str
         groups = [(s, site / s) for s in SPLITS if (site / s).is_dir()] if _is_split_layout(site) else [("", site)]
         for split, folder in groups:
             entries = files.setdefault((site.name, split), [])
-            for cls in _subdirs(folder):
+            for cls in subfolders(folder):
                 classes.add(cls.name)
                 entries.extend((f, cls.name) for f in _image_files(cls))
         if not any(files.get((site.name, s)) for s in ("", "train")):
@@ -130,8 +174,8 @@ def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
     return images if images.shape[1] == channels else np.repeat(images, channels // images.shape[1], axis=1)
 
 
-def load_folder_sites(cfg: DataConfig) -> list[SiteData]:
-    """All sites under ``cfg.path`` (one per site folder, sorted by name)."""
+def site_folders(cfg: DataConfig) -> tuple[Path, list[Path]]:
+    """The root folder and its site folders (sorted), checked against data.spatial_dims and data.num_sites."""
     assert cfg.path  # DataConfig guarantees it for source=folder
     if cfg.spatial_dims == 3:
         raise DataError(
@@ -141,18 +185,30 @@ def load_folder_sites(cfg: DataConfig) -> list[SiteData]:
     root = Path(cfg.path).expanduser()
     if not root.is_dir():
         raise DataError(f"data.path '{cfg.path}' is not a folder: give a folder of site folders of class folders")
-    sites = _subdirs(root)
+    sites = subfolders(root)
     if len(sites) != cfg.num_sites:
         raise DataError(
             f"data.num_sites={cfg.num_sites} but data.path '{cfg.path}' has {len(sites)} site folders "
             f"({', '.join(p.name for p in sites[:10])}): set data.num_sites={len(sites)}"
         )
-    classes, files = _scan(root, sites)
-    if len(classes) > cfg.num_classes:
+    return root, sites
+
+
+def check_classes_fit(cfg: DataConfig, classes: list[str]) -> None:
+    """The class folders fit data.num_classes (when set)."""
+    if cfg.num_classes is not None and len(classes) > cfg.num_classes:
         raise DataError(
             f"data.num_classes={cfg.num_classes} but data.path '{cfg.path}' has {len(classes)} class folders "
-            f"({', '.join(classes[:10])}): set data.num_classes={len(classes)}"
+            f"({', '.join(classes[:10])}): set data.num_classes={len(classes)} or leave it out"
         )
+
+
+def load_folder_sites(cfg: DataConfig) -> list[SiteData]:
+    """All sites under ``cfg.path`` (one per site folder, sorted by name)."""
+    root, sites = site_folders(cfg)
+    classes, files = scan_tree(root, sites)
+    check_classes_fit(cfg, classes)
+    num_classes = cfg.num_classes or len(classes)  # None: the class folders say
     index = {c: i for i, c in enumerate(classes)}
     loaded = {key: _load(entries, index, cfg.image_size) for key, entries in files.items()}
     channels = max((imgs.shape[1] for imgs, _ in loaded.values() if len(imgs)), default=1)
@@ -160,12 +216,12 @@ def load_folder_sites(cfg: DataConfig) -> list[SiteData]:
     for site_id, site in enumerate(sites):
         if (site.name, "") in loaded:
             images, labels = loaded[(site.name, "")]
-            out.append(build_site(cfg, site_id, site.name, _to_channels(images, channels), labels, cfg.num_classes))
+            out.append(build_site(cfg, site_id, site.name, _to_channels(images, channels), labels, num_classes))
             continue
         empty = (np.zeros((0, channels, cfg.image_size, cfg.image_size), np.float32), np.zeros(0, np.int64))
         splits = {}
         for split in SPLITS:
             images, labels = loaded.get((site.name, split), empty)
             splits[split] = (_to_channels(images, channels), labels)
-        out.append(site_from_splits(cfg, site_id, site.name, splits, cfg.num_classes))
+        out.append(site_from_splits(cfg, site_id, site.name, splits, num_classes))
     return out

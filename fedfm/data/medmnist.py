@@ -17,6 +17,9 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.request
+import zipfile
+import zlib
+from collections.abc import Container, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ import numpy as np
 
 from fedfm.config import DataConfig
 from fedfm.data.errors import DataError
+from fedfm.data.npz import not_readable
 from fedfm.data.partition import natural_partition, partition_indices
 from fedfm.data.resize import prepare_images, raw_spatial_dims
 from fedfm.data.sites import SPLITS, site_from_splits
@@ -122,35 +126,60 @@ def resolve_npz(cfg: DataConfig) -> Path:
     return download_npz(cfg.name, cfg.download_dir)
 
 
-def _read(npz: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(npz, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as err:
-        raise DataError(f"data.path '{npz}' is not a readable .npz ({err}): give a MedMNIST .npz") from None
-    missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in arrays]
+def require_keys(keys: Container[str], npz: Path) -> None:
+    """Every split's ``_images`` and ``_labels`` are in the file."""
+    missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in keys]
     if missing:
         raise DataError(
             f"data.path '{npz}' lacks {', '.join(missing)}: give a MedMNIST .npz "
             "(train/val/test _images and _labels)"
         )
+
+
+def _read(npz: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise not_readable(npz, err) from None
+    require_keys(arrays, npz)
     return arrays
 
 
-def _labels(arrays: dict[str, np.ndarray], split: str, npz: Path) -> np.ndarray:
-    labels = arrays[f"{split}_labels"]
+def split_labels(arrays: Mapping[str, Any], split: str, npz: Path) -> np.ndarray:
+    """``<split>_labels`` as int64 (N,): one integer class index per image of ``<split>_images``."""
+    labels = np.asarray(arrays[f"{split}_labels"])
     if labels.ndim == 2 and labels.shape[1] != 1:
         raise DataError(
             f"data.path '{npz}' has multi-label {split}_labels {labels.shape} (e.g. ChestMNIST): only "
             "single-label (binary or multi-class) datasets are supported; pick another data.name"
         )
-    labels = labels.reshape(-1).astype(np.int64)
+    if labels.ndim not in (1, 2):
+        raise DataError(f"data.path '{npz}': {split}_labels has shape {labels.shape}; expected (N,) or (N, 1)")
+    labels = labels.reshape(-1)
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+        if not np.issubdtype(labels.dtype, np.number) or not np.all(np.isfinite(labels) & (np.mod(labels, 1) == 0)):
+            raise DataError(
+                f"data.path '{npz}': {split}_labels holds values that are not class indices ({labels.dtype}): "
+                "labels must be integers 0..num_classes-1"
+            )
     if len(labels) != len(arrays[f"{split}_images"]):
         raise DataError(f"data.path '{npz}': {split}_labels and {split}_images differ in length")
-    return labels
+    return labels.astype(np.int64)
 
 
-def _split_dims(images: np.ndarray, split: str, cfg: DataConfig, npz: Path) -> int:
+def classes_found(labels: Mapping[str, np.ndarray], npz: Path) -> int:
+    """1 + the largest label of any split (0 for no labels); a negative label is an error."""
+    for split, values in labels.items():
+        if values.size and values.min() < 0:
+            raise DataError(
+                f"data.path '{npz}': {split}_labels holds label {int(values.min())}: labels must be class "
+                "indices 0..num_classes-1; renumber them from 0"
+            )
+    return max((int(v.max()) + 1 for v in labels.values() if v.size), default=0)
+
+
+def _split_dims(images: Any, split: str, cfg: DataConfig, npz: Path) -> int:
     found = raw_spatial_dims(images.shape)
     if found is None and cfg.spatial_dims == 3 and images.ndim == 4:
         found = 3  # a non-cubic (N, D, H, W) gray volume, as data.spatial_dims says
@@ -162,7 +191,16 @@ def _split_dims(images: np.ndarray, split: str, cfg: DataConfig, npz: Path) -> i
     return found
 
 
-def _spatial_dims(arrays: dict[str, np.ndarray], cfg: DataConfig, npz: Path) -> int:
+def check_labels_fit(cfg: DataConfig, found: int, npz: Path) -> None:
+    """Labels up to ``found - 1`` fit data.num_classes (when set)."""
+    if cfg.num_classes is not None and found > cfg.num_classes:
+        raise DataError(
+            f"data.num_classes={cfg.num_classes} but data.path '{npz}' has labels up to {found - 1}: "
+            f"set data.num_classes={found} or leave it out"
+        )
+
+
+def spatial_dims_of(arrays: Mapping[str, Any], cfg: DataConfig, npz: Path) -> int:
     """2 or 3 from the ``train_images`` shape (or ``data.spatial_dims`` where the shape cannot say).
 
     Every split must hold the same kind (images or volumes) as ``train_images``.
@@ -185,19 +223,28 @@ def _spatial_dims(arrays: dict[str, np.ndarray], cfg: DataConfig, npz: Path) -> 
     return found
 
 
-def _site_names(arrays: dict[str, np.ndarray], cfg: DataConfig, npz: Path) -> list[str]:
+def site_names_of(arrays: Mapping[str, Any], cfg: DataConfig, npz: Path) -> list[str]:
+    """The file's ``site_names`` (partition natural; one distinct name per site id), else site-0, site-1, ..."""
     if cfg.partition != "natural" or "site_names" not in arrays:
         return [site_name(s) for s in range(cfg.num_sites)]
-    names = [str(n) for n in arrays["site_names"].reshape(-1)]
+    names = [str(n) for n in np.asarray(arrays["site_names"]).reshape(-1)]
     if len(names) != cfg.num_sites:
+        listed = ", ".join(names[:10]) or "none"
         raise DataError(
-            f"data.path '{npz}' lists {len(names)} site_names but data.num_sites={cfg.num_sites}: "
-            f"set data.num_sites={len(names)}"
+            f"data.path '{npz}' lists {len(names)} site_names ({listed}) for {cfg.num_sites} sites "
+            f"(site ids 0..{cfg.num_sites - 1}, data.num_sites={cfg.num_sites}): give site_names one name per "
+            f"site id, or remove site_names (sites are then {site_name(0)}, {site_name(1)}, ...)"
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated or not all(n.strip() for n in names):
+        what = f"repeats {', '.join(repeated)}" if repeated else "has an empty name"
+        raise DataError(
+            f"data.path '{npz}': site_names {what}: give every site id its own non-empty name"
         )
     return names
 
 
-def _natural_site_ids(arrays: dict[str, np.ndarray], cfg: DataConfig, npz: Path) -> dict[str, np.ndarray]:
+def natural_site_ids(arrays: Mapping[str, Any], cfg: DataConfig, npz: Path) -> dict[str, np.ndarray]:
     missing = [f"{s}_sites" for s in SPLITS if f"{s}_sites" not in arrays]
     if missing:
         raise DataError(
@@ -221,26 +268,20 @@ def load_medmnist_sites(cfg: DataConfig) -> list[SiteData]:
     """All sites of a MedMNIST .npz under ``cfg``; each official split is partitioned separately."""
     npz = resolve_npz(cfg)
     arrays = _read(npz)
-    labels = {s: _labels(arrays, s, npz) for s in SPLITS}
-    all_labels = np.concatenate(list(labels.values()))
-    if all_labels.size and all_labels.min() < 0:
-        raise DataError(f"data.path '{npz}' has negative labels: labels must be 0..num_classes-1")
-    found = int(all_labels.max()) + 1 if all_labels.size else 0
-    if found > cfg.num_classes:
-        raise DataError(
-            f"data.num_classes={cfg.num_classes} but data.path '{npz}' has labels up to {found - 1}: "
-            f"set data.num_classes={found}"
-        )
-    site_ids = _natural_site_ids(arrays, cfg, npz) if cfg.partition == "natural" else None
-    names = _site_names(arrays, cfg, npz)
-    dims = _spatial_dims(arrays, cfg, npz)
+    labels = {s: split_labels(arrays, s, npz) for s in SPLITS}
+    found = classes_found(labels, npz)
+    check_labels_fit(cfg, found, npz)
+    num_classes = cfg.num_classes or found  # None: the labels say
+    site_ids = natural_site_ids(arrays, cfg, npz) if cfg.partition == "natural" else None
+    names = site_names_of(arrays, cfg, npz)
+    dims = spatial_dims_of(arrays, cfg, npz)
     per_site: list[dict[str, tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(cfg.num_sites)]
     for salt, split in enumerate(SPLITS):
         images = arrays[f"{split}_images"]
         if site_ids is not None:
             parts = natural_partition(site_ids[split], cfg.num_sites, what=f"{split}_sites of '{npz}'")
         else:
-            parts = partition_indices(labels[split], cfg, salt=salt, num_classes=cfg.num_classes)
+            parts = partition_indices(labels[split], cfg, salt=salt, num_classes=num_classes)
         for s, idx in enumerate(parts):
             per_site[s][split] = (prepare_images(images[idx], cfg.image_size, dims), labels[split][idx])
-    return [site_from_splits(cfg, s, names[s], per_site[s], cfg.num_classes) for s in range(cfg.num_sites)]
+    return [site_from_splits(cfg, s, names[s], per_site[s], num_classes) for s in range(cfg.num_sites)]

@@ -29,6 +29,7 @@ from fedfm.protocol import site_name
 MAX_RENDER_SIZE = 64  # render at most this size, then upsample
 _CHUNK = 1024
 _VESSELS = 3
+SEED_SALT = 0x5EED  # the generator of a config's labels and images: default_rng([data.seed, SEED_SALT])
 
 
 Array = np.ndarray
@@ -112,7 +113,7 @@ def balanced_labels(n: int, num_classes: int, rng: np.random.Generator) -> np.nd
 
 def load_synthetic_sites(cfg: DataConfig) -> list[SiteData]:
     """All synthetic sites for ``cfg`` (deterministic given ``cfg.seed``)."""
-    rng = np.random.default_rng([cfg.seed, 0x5EED])
+    rng = np.random.default_rng([cfg.seed, SEED_SALT])
     total = cfg.num_sites * cfg.samples_per_site
     labels = balanced_labels(total, cfg.num_classes, rng)
     render = render_volumes if cfg.spatial_dims == 3 else render_images

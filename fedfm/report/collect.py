@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfm import protocol
-from fedfm.config import ConfigError, ExperimentConfig
+from fedfm.config import ConfigError, DataConfig, ExperimentConfig
 from fedfm.data.shift import site_shift_params
 
 BASELINE_ORDER = ("federated_nodp", "centralized", "centralized_nodp", "local")
@@ -145,7 +145,7 @@ def run_summary(config: ExperimentConfig, results: dict[str, Any]) -> dict[str, 
     p, d = config.privacy, config.data
     rounds_done = max((r["round"] for r in results.get("rounds", [])), default=0)
     return {
-        "data": d.name or d.path or d.source if d.source != "synthetic" else "synthetic",
+        "data": data_name(d),
         "source": d.source,
         "sites": d.num_sites,
         "partition": d.partition + (f" (alpha {d.alpha})" if d.partition == "dirichlet" else ""),
@@ -163,6 +163,20 @@ def run_summary(config: ExperimentConfig, results: dict[str, Any]) -> dict[str, 
         "stopped_early": results.get("stopped_early"),
         "wall_time_s": results.get("wall_time_s"),
     }
+
+
+def data_name(d: DataConfig) -> str:
+    """What the data is called: as read from the data when the run started (data.dataset); for runs
+    recorded before that, from data.path (the .npz file's stem, the folder's name), never data.name
+    when a path was given (data.name only downloads a file that is not there)."""
+    if d.dataset:
+        return d.dataset
+    if d.source == "synthetic":
+        return "synthetic"
+    if d.path:
+        path = Path(d.path)
+        return path.stem if d.source == "medmnist" else path.name
+    return d.name or d.source
 
 
 def adapter_line(config: ExperimentConfig) -> str:
