@@ -121,9 +121,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from fedfm.privacy.audit import audit_run, write_audit
+    from fedfm.audit import audit_run, write_audit
 
-    from fedfm.privacy.scope import scope_notes
+    from fedfm.audit.scope import scope_notes
 
     audits = audit_run(args.run_dir, canaries=args.canaries, seed=args.seed, keys=args.keys, anchors=args.anchors)
     json_path, md_path = write_audit(audits, args.out or args.run_dir)
@@ -237,7 +237,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedfm.export import MERGED_SPEC, MERGED_WEIGHTS, export_run
+    from fedfm.export import export_run
+    from fedfm.models.spec import MERGED_SPEC, MERGED_WEIGHTS
 
     folder = export_run(args.run_dir, args.out, merge=args.merge)
     written = f"{MERGED_WEIGHTS} + {MERGED_SPEC}" if args.merge else "PEFT adapter + fedfm_model.json"

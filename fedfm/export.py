@@ -18,12 +18,10 @@ from torch import nn
 
 from fedfm.config import ConfigError, ModelConfig
 from fedfm.models import ModelSpec, build_backbone
+from fedfm.models.spec import MERGED_FORMAT, MERGED_SPEC, MERGED_WEIGHTS, merged_description
 from fedfm.report.model_card import write_model_card
 from fedfm.run_folder import CompletedRun, load_trained_model, open_run, read_calibration
 
-MERGED_WEIGHTS = "model.safetensors"
-MERGED_SPEC = "model.json"
-MERGED_FORMAT = "fedfm-merged"
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -66,23 +64,6 @@ def export_merged(run: CompletedRun, folder: Path) -> Path:
     save_file(state, str(folder / MERGED_WEIGHTS), metadata={"format": "pt"})
     (folder / MERGED_SPEC).write_text(json.dumps(merged_description(run.spec), indent=2) + "\n")
     return folder
-
-
-def merged_description(spec: ModelSpec) -> dict:
-    """What ``model.json`` holds: the backbone to build and the input it takes."""
-    return {
-        "format": MERGED_FORMAT,
-        "weights": MERGED_WEIGHTS,
-        "backbone": spec.model.backbone,
-        "num_classes": spec.num_classes,
-        "channels": spec.channels,
-        "image_size": spec.image_size,
-        "spatial_dims": spec.spatial_dims,
-        "input": f"float32 (N, {spec.channels}, {', '.join([str(spec.image_size)] * spec.spatial_dims)}) in [0, 1]; "
-                 "the model normalises internally",
-        "output": f"logits (N, {spec.num_classes})",
-        "lora_merged": spec.lora.model_dump(),
-    }
 
 
 def load_merged(folder: str | Path) -> nn.Module:

@@ -91,6 +91,7 @@ TRAIN_LOSS = "train-loss"
 STEPS = "steps"
 EPSILON = "epsilon"  # the site's cumulative epsilon after the round (0 without DP-SGD)
 DELTA = "delta"
+BUDGET_EPSILON = "budget-epsilon"  # the epsilon budget the site itself enforces (0 without DP-SGD)
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 TRAIN_SECONDS = "train-seconds"  # the round's steps; building the activation cache is counted apart

@@ -24,7 +24,7 @@ from fedfm.eval.metrics import bootstrap_intervals, classification_metrics, reli
 from fedfm.models import load_adapter_state_dict, save_adapter, unwrap
 from fedfm.models.spec import SPEC_ATTR
 from fedfm.models.stacking import global_model as stacked_global_model
-from fedfm.protocol import DELTA, EPSILON, LABEL_COUNTS, NUM_EXAMPLES, SIZES, TRAIN_LOSS, site_name, site_order
+from fedfm.protocol import BUDGET_EPSILON, DELTA, EPSILON, LABEL_COUNTS, NUM_EXAMPLES, SIZES, TRAIN_LOSS, site_name, site_order
 TEST_METRICS = ("auroc", "accuracy", "balanced_accuracy", "loss", "ece", "sensitivity", "specificity")
 
 
@@ -198,6 +198,7 @@ class RunRecorder:
                 **summarize_site_test(metrics, ev),
                 "epsilon": float(train.get(EPSILON, 0.0)),
                 "delta": float(train.get(DELTA, 0.0)),
+                "budget_epsilon": float(train[BUDGET_EPSILON]) if train.get(BUDGET_EPSILON) else None,  # what it enforced
                 "rounds_trained": sum(site in r["participants"] for r in self.rounds),
                 "held_out": self._held_out(site),
             }

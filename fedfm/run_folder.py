@@ -97,3 +97,8 @@ def load_trained_model(run: CompletedRun) -> nn.Module:
     spec = run.spec
     backbone = build_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size, spec.spatial_dims)
     return PeftModel.from_pretrained(backbone.model, str(run.adapter_dir)).eval()
+
+
+def seed_dir(run_dir: Path, seed: int) -> Path:
+    """Where a study keeps its run of another seed (eval.seeds), inside the run folder."""
+    return run_dir / "seeds" / f"seed-{seed}"

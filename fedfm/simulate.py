@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from fedfm.appconfig import APP_DIR
-from fedfm.config import ConfigError, ExperimentConfig
+from fedfm.config import ConfigError, ExperimentConfig, load_config
+from fedfm.run_log import stream_run
 
 # the port of the SuperLink `flwr run` starts for local simulation (Flower 1.42 serves its Control,
 # Fleet and Runtime HTTP APIs there; the --control-api-address it is also given is no longer used)
@@ -48,8 +49,6 @@ def prepare_run_dir(config: ExperimentConfig, out: str | None) -> Path:
 
 def resumable_run(run_dir: str | Path) -> tuple[ExperimentConfig, Path]:
     """The config of an interrupted or paused run, checked to be resumable."""
-    from fedfm.config import load_config
-
     run_dir = Path(run_dir).expanduser().resolve()
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoint" / "state.json").is_file():
         raise ConfigError(f"--resume {run_dir}: not a run folder with a checkpoint (config.yaml, checkpoint/state.json)")
@@ -143,7 +142,7 @@ def run_simulation(
     print(f"[fedfm] {config.data.num_sites} sites, {config.federation.rounds} rounds -> {run_dir}", flush=True)
     log_path = run_dir / ("flwr-resumed.log" if resume else "flwr.log")
     try:
-        code = _stream(command, simulation_env(config), log_path, verbose)
+        code = stream_run(command, simulation_env(config), log_path, verbose)
     finally:
         if not superlink_was_up:
             stop_local_superlink()
@@ -209,25 +208,6 @@ def _process_environ(pid: int) -> dict[str, str] | None:
         return None
     pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
-
-
-def _stream(command: list[str], env: dict[str, str], log_path: Path, verbose: bool) -> int:
-    """Run ``command``, keep its full output in ``log_path``, echo progress lines."""
-    done = False
-    with open(log_path, "w") as log, subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    ) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            if verbose or "ERROR" in line or "Traceback" in line:
-                print(line.rstrip(), flush=True)
-            elif "[fedfm]" in line:  # progress lines, without Flower's log prefix
-                print("[fedfm]" + line.split("[fedfm]", 1)[1].rstrip(), flush=True)
-            if "[fedfm] done:" in line or "[fedfm] paused after round" in line:
-                done = True
-        code = proc.wait()
-    return 0 if done and code in (0, None) else code
 
 
 def _port_open(port: int) -> bool:

@@ -26,6 +26,7 @@ from fedfm.personal import PersonalState
 from fedfm.protocol import (
     CLASS_WEIGHTED,
     CLASS_WEIGHTS,
+    BUDGET_EPSILON,
     DELTA,
     EPSILON,
     NOISE_MULTIPLIER,
@@ -37,13 +38,13 @@ from fedfm.protocol import (
     train_metrics,
 )
 from fedfm.privacy.accountant import SiteAccountant, StepBatch, calibrate_noise
+from fedfm.privacy.entries import LABEL_COUNTS, NO_AMPLIFICATION, POISSON, LedgerEntry
 from fedfm.privacy.heads import HEADS_DIR, HeadStore, LedgerHead, head_of
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.privacy.signing import site_signer
 from fedfm.training.activation_cache import ActivationCache, FeatureSplit, SuffixModel, prefix_length
 from fedfm.training.class_balance import (
     LABEL_COUNT_SENSITIVITY,
-    LABEL_COUNTS,
     balanced_weights,
     label_count_release,
     noisy_label_counts,
@@ -191,6 +192,7 @@ class Site:
             self.site_id, len(self.data.train),
             **{TRAIN_LOSS: outcome.mean_loss, STEPS: outcome.steps, EPSILON: epsilon,
                DELTA: cfg.privacy.delta if cfg.privacy.sample_level else 0.0,
+               BUDGET_EPSILON: self.budget if cfg.privacy.sample_level else 0.0,
                NOISE_MULTIPLIER: outcome.noise_multiplier, SAMPLE_RATE: outcome.sample_rate, TRAIN_SECONDS: seconds},
             **balance,
             **self.cache_metrics(),
@@ -208,10 +210,10 @@ class Site:
         """The site's ledger head now, signed with its key."""
         return head_of(self.name, self.ledger.verify(), self.ledger.signer)
 
-    def _append(self, record: dict) -> None:
-        """Append ``record`` to the ledger (with the run and the config it was trained with), then
+    def _append(self, entry: LedgerEntry) -> None:
+        """Append ``entry`` to the ledger (with the run and the config it was trained with), then
         keep the new signed head apart from the ledger."""
-        self.ledger.append({**record, "run_id": self.run_id, "config_hash": config_hash(self.config)})
+        self.ledger.append({**entry.to_record(), "run_id": self.run_id, "config_hash": config_hash(self.config)})
         self.heads.save(self.head())
 
     @property
@@ -257,23 +259,23 @@ class Site:
         release = label_count_release(cfg.train.label_count_noise)
         accountant.add(release)
         privacy = cfg.privacy
-        self._append({
-            "kind": LABEL_COUNTS,
-            "round": server_round,
-            "steps": release.steps,
-            "noise_multiplier": release.noise_multiplier,
-            "sample_rate": release.sample_rate,
-            "sampling": "no-amplification",
-            "sensitivity": LABEL_COUNT_SENSITIVITY,
-            "noisy_label_counts": noisy,
-            "delta": privacy.delta,
-            "accountant": privacy.accountant,
-            "accountant_library": f"opacus {opacus.__version__}",
-            "epsilon": accountant.epsilon(privacy.delta),
-            "budget_epsilon": self.budget,
-            "n_train": len(self.data.train),
-            "time": time.time(),
-        })
+        self._append(LedgerEntry(
+            kind=LABEL_COUNTS,
+            round=server_round,
+            steps=release.steps,
+            noise_multiplier=release.noise_multiplier,
+            sample_rate=release.sample_rate,
+            sampling=NO_AMPLIFICATION,
+            sensitivity=LABEL_COUNT_SENSITIVITY,
+            noisy_label_counts=noisy,
+            delta=privacy.delta,
+            accountant=privacy.accountant,
+            accountant_library=f"opacus {opacus.__version__}",
+            epsilon=accountant.epsilon(privacy.delta),
+            budget_epsilon=self.budget,
+            n_train=len(self.data.train),
+            time=time.time(),
+        ))
         return noisy
 
     def _check_budget(self, accountant: SiteAccountant, *batches: StepBatch) -> None:
@@ -291,23 +293,22 @@ class Site:
     def _record(self, server_round: int, steps: int, sigma: float, q: float, epsilon: float,
                 class_weights: list[float] | None = None) -> None:
         privacy = self.config.privacy
-        weighting = {} if class_weights is None else {"class_weights": [float(w) for w in class_weights]}
-        self._append({
-            "round": server_round,
-            "steps": steps,
-            "noise_multiplier": sigma,
-            "sample_rate": q,
-            "sampling": "poisson",
-            "max_grad_norm": privacy.max_grad_norm,
-            "delta": privacy.delta,
-            "accountant": privacy.accountant,
-            "accountant_library": f"opacus {opacus.__version__}",
-            "epsilon": epsilon,
-            "budget_epsilon": self.budget,
-            "n_train": len(self.data.train),
-            "time": time.time(),
-            **weighting,
-        })
+        self._append(LedgerEntry(
+            round=server_round,
+            steps=steps,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            sampling=POISSON,
+            max_grad_norm=privacy.max_grad_norm,
+            delta=privacy.delta,
+            accountant=privacy.accountant,
+            accountant_library=f"opacus {opacus.__version__}",
+            epsilon=epsilon,
+            budget_epsilon=self.budget,
+            n_train=len(self.data.train),
+            time=time.time(),
+            class_weights=None if class_weights is None else [float(w) for w in class_weights],
+        ))
 
     def evaluate(self, global_adapter: dict[str, torch.Tensor], split: str, personal: bool = False) -> EvalReply:
         """Metrics of the global adapter on ``split``; with ``personal``, of this site's personalized

@@ -24,6 +24,7 @@ from pathlib import Path
 from fedfm.baselines import IN_PROCESS, baseline_jobs, is_complete, run_job, write_baseline_results
 from fedfm.config import ExperimentConfig, apply_overrides, validate_config
 from fedfm.protocol import loso_folder, site_name
+from fedfm.run_folder import seed_dir
 from fedfm.simulate import run_simulation
 
 
@@ -54,10 +55,6 @@ def seed_config(config: ExperimentConfig, seed: int) -> ExperimentConfig:
     part = part_config(config)
     part.train.seed = seed
     return part
-
-
-def seed_dir(run_dir: Path, seed: int) -> Path:
-    return run_dir / "seeds" / f"seed-{seed}"
 
 
 def loso_dir(run_dir: Path, site_id: int) -> Path:

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from fedfm.config import ConfigError, ExperimentConfig, apply_overrides, parse_override, validate_config
-from fedfm.privacy.tuning import composed_epsilon
+from fedfm.audit.search import TUNING_FILE, read_tuning, trial_dir
 
-TUNING_FILE = "tuning.json"
 
 
 @dataclass(frozen=True)
@@ -173,10 +172,6 @@ def select(trials: list[Trial]) -> Trial:
     if not finished:
         raise RuntimeError("no trial finished with a validation AUROC: nothing to choose from")
     return max(finished, key=lambda t: (t.val_auroc, -t.number))
-
-
-def trial_dir(out: Path, number: int) -> Path:
-    return out / "trials" / f"trial-{number:03d}"
 
 
 def _complete(run_dir: Path) -> bool:
@@ -343,69 +338,3 @@ def write_tuning(out: Path, state: SearchState) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, default=float))
     tmp.replace(path)
     return path
-
-
-def read_tuning(run_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / TUNING_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def tuning_privacy(run_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Per site: runs of the search it trained in and the epsilon of all of them composed (the
-    site's ledger holds every trial's entries and the final run's)."""
-    from fedfm.privacy.audit import find_ledgers
-
-    run_dir = Path(run_dir)
-    tuning = read_tuning(run_dir) or {}
-    runs = len(tuning.get("trials", [])) + int((run_dir / "results.json").is_file())
-    out: dict[str, dict[str, Any]] = {}
-    for ledger in find_ledgers(run_dir):
-        entries = ledger.entries()
-        if not entries:
-            continue
-        delta = float(entries[-1]["delta"])
-        out[ledger.site] = {
-            "runs": runs, "entries": len(entries),
-            "epsilon_total": composed_epsilon([entries], delta, str(entries[-1].get("accountant", "prv"))),
-            "delta": delta,
-            "ps_epsilon": random_search_epsilon(run_dir, tuning, ledger.site, delta),
-        }
-    return out
-
-
-def _run_rdp(run_dir: Path, site: str, lams) -> Any:
-    """RDP curve of one site's DP-SGD in one run, from the run's per-round train metrics."""
-    import numpy as np
-
-    from fedfm.privacy.tuning import trial_rdp
-
-    curve = np.zeros(len(lams))
-    path = run_dir / "results.json"
-    if not path.is_file():
-        return curve
-    for entry in json.loads(path.read_text()).get("rounds", []):
-        m = entry.get("train", {}).get(site)
-        if m and m.get("noise-multiplier"):
-            curve += trial_rdp(float(m["noise-multiplier"]), float(m["sample-rate"]), int(m["steps"]), lams)
-    return curve
-
-
-def random_search_epsilon(run_dir: Path, tuning: dict[str, Any], site: str, delta: float) -> float | None:
-    """Papernot & Steinke's bound for the chosen model of a random search (K geometric): the largest
-    trial RDP curve over the trials (a trial's candidate is drawn at random), then the final run.
-    It holds for whoever sees only the chosen model; the coordinator saw every trial's updates,
-    for which composition (epsilon_total) is the guarantee. None for a grid search."""
-    import numpy as np
-
-    from fedfm.privacy.tuning import ORDERS, ps_epsilon_of_curve
-
-    if tuning.get("search") != "random" or not tuning.get("trials"):
-        return None
-    lams = np.sort(np.asarray(ORDERS, dtype=float))
-    curves = [_run_rdp(trial_dir(run_dir, t["number"]), site, lams) for t in tuning["trials"]]
-    worst = np.max(curves, axis=0)
-    if not worst.any():
-        return None
-    mean = float(tuning["random_trials_mean"])
-    bound = ps_epsilon_of_curve(worst, lams, delta, "tnb", eta=1.0, gamma=1.0 / mean, then=_run_rdp(run_dir, site, lams))
-    return bound.epsilon

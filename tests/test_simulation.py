@@ -16,7 +16,7 @@ from fedfm.privacy.accountant import SiteAccountant, StepBatch
 from fedfm.models import ModelSpec
 from fedfm.models.registry import build_backbone
 from fedfm.models.stacking import global_model
-from fedfm.privacy.audit import audit_run
+from fedfm.audit.ledgers import audit_run
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.simulate import LOCAL_SUPERLINK_PORT, _port_open, local_superlink_pids
 from fedfm.training.local import plan_steps

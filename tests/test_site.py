@@ -132,6 +132,9 @@ def test_a_site_budget_overrides_the_shared_one_and_drives_calibration(tmp_path)
     assert site.budget == 2.0 and Site(config, 0, tmp_path).budget == 8.0
     adapter = _global(config)
     for server_round in (1, 2, 3):
-        adapter = site.train(adapter, server_round).adapter
+        last = site.train(adapter, server_round)
+        adapter = last.adapter
     entries = site.ledger.verify()
     assert entries[-1]["epsilon"] <= 2.0 and entries[-1]["budget_epsilon"] == 2.0
+    # what the site enforced travels with its reply: the report shows it, not the coordinator's config
+    assert last.metrics["budget-epsilon"] == 2.0

@@ -95,7 +95,7 @@ def test_random_search_draws_a_geometric_number_of_grid_points():
 def test_random_search_bound_matches_the_theorem_for_identical_trials(tmp_path):
     from fedfm.privacy.ledger import SiteLedger
     from fedfm.privacy.tuning import ps_epsilon
-    from fedfm.tune import tuning_privacy
+    from fedfm.audit.search import tuning_privacy
 
     sigma, q, steps, rounds = 1.1, 0.05, 40, 3
     trials = []

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedfm.cli import main
-from fedfm.privacy.audit import audit_run
+from fedfm.audit.ledgers import audit_run
 from fedfm.privacy.ledger import SiteLedger
 
 REPO = Path(__file__).resolve().parents[1]

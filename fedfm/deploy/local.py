@@ -23,6 +23,7 @@ from fedfm.appconfig import APP_DIR
 from fedfm.config import ConfigError, ExperimentConfig
 from fedfm.deploy.init import CONNECTION, Deployment, init_deployment, write_connection
 from fedfm.protocol import site_name
+from fedfm.run_log import stream_run
 
 
 def free_port() -> int:
@@ -132,10 +133,8 @@ class LocalDeployment:
 
     def run_app(self, run_config: Path, log_path: Path, verbose: bool = False) -> int:
         """``flwr run`` the fedfm app against this SuperLink and stream its log."""
-        from fedfm.simulate import _stream
-
         command = [_exe("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(run_config), "--stream"]
-        return _stream(command, self.env, log_path, verbose)
+        return stream_run(command, self.env, log_path, verbose)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill process ``name`` and everything it started (its ClientApp or ServerApp processes)."""

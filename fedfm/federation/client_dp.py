@@ -20,6 +20,7 @@ import numpy as np
 from fedfm.federation.aggregate import Adapter, add_gaussian_noise, clip_update, weighted_average
 from fedfm.federation.replies import Reply
 from fedfm.privacy.client_level import DP_ACCOUNTING_RDP, ClientLevelAccountant
+from fedfm.privacy.entries import NO_AMPLIFICATION, LedgerEntry
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.protocol import CLIENT_WEIGHT
 
@@ -68,11 +69,11 @@ class ClientLevelDP:
         return released
 
     def _record(self, server_round: int) -> None:
-        entry = self.ledger.append({
-            "round": server_round, "steps": 1, "noise_multiplier": self.noise_multiplier, "sample_rate": 1.0,
-            "sampling": "no-amplification", "sampled_sites": self.sampled, "population": self.population,
-            "max_grad_norm": self.clipping_norm, "delta": self.accountant.delta, "accountant": DP_ACCOUNTING_RDP,
-            "accountant_library": f"dp-accounting {version('dp-accounting')}", "epsilon": self.accountant.epsilon(),
-        })
+        entry = self.ledger.append(LedgerEntry(
+            round=server_round, steps=1, noise_multiplier=self.noise_multiplier, sample_rate=1.0,
+            sampling=NO_AMPLIFICATION, sampled_sites=self.sampled, population=self.population,
+            max_grad_norm=self.clipping_norm, delta=self.accountant.delta, accountant=DP_ACCOUNTING_RDP,
+            accountant_library=f"dp-accounting {version('dp-accounting')}", epsilon=self.accountant.epsilon(),
+        ).to_record())
         self.guarantee = {**{k: entry[k] for k in RECORDED}, "rounds": self.accountant.releases}
 

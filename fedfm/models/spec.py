@@ -19,6 +19,10 @@ from fedfm.config import ConfigError, LoraConfig, ModelConfig
 SPEC_FILE = "fedfm_model.json"
 SPEC_ATTR = "fedfm_spec"  # attribute of the peft model that holds its ModelSpec
 FORMAT_VERSION = 1
+# a merged export (fedfm export --merge): the backbone's weights with LoRA folded in, and their description
+MERGED_WEIGHTS = "model.safetensors"
+MERGED_SPEC = "model.json"
+MERGED_FORMAT = "fedfm-merged"
 
 
 @dataclass(frozen=True)
@@ -73,3 +77,20 @@ def read_spec(folder: str | Path) -> ModelSpec | None:
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON ({err}): rewrite it with fedfm export") from None
     return ModelSpec.from_dict(raw, str(path))
+
+
+def merged_description(spec: ModelSpec) -> dict:
+    """What ``model.json`` holds: the backbone to build and the input it takes."""
+    return {
+        "format": MERGED_FORMAT,
+        "weights": MERGED_WEIGHTS,
+        "backbone": spec.model.backbone,
+        "num_classes": spec.num_classes,
+        "channels": spec.channels,
+        "image_size": spec.image_size,
+        "spatial_dims": spec.spatial_dims,
+        "input": f"float32 (N, {spec.channels}, {', '.join([str(spec.image_size)] * spec.spatial_dims)}) in [0, 1]; "
+                 "the model normalises internally",
+        "output": f"logits (N, {spec.num_classes})",
+        "lora_merged": spec.lora.model_dump(),
+    }

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from fedfm import protocol
+from fedfm.audit.search import read_tuning, tuning_privacy
 from fedfm.config import ConfigError, DataConfig, ExperimentConfig
 from fedfm.data.shift import site_shift_params
+from fedfm.run_folder import seed_dir
 
 BASELINE_ORDER = ("federated_nodp", "centralized", "centralized_nodp", "local")
 BASELINE_LABELS = {
@@ -80,8 +82,6 @@ SEED_METRICS = ("auroc", "ece", "balanced_accuracy")
 def seeds_block(run_dir: Path, config: ExperimentConfig, results: dict[str, Any]) -> dict[str, Any] | None:
     """The run and its repeats with other seeds (eval.seeds): each seed's pooled test metrics with
     their bootstrap intervals, the worst site, and the mean and standard deviation across seeds."""
-    from fedfm.study import seed_dir
-
     others = [s for s in config.eval.seeds if s != config.train.seed]
     if not others:
         return None
@@ -125,8 +125,6 @@ def calibration_block(results: dict[str, Any]) -> dict[str, Any] | None:
 
 def tuning_block(run_dir: Path) -> dict[str, Any] | None:
     """The search that chose this run's values (``fedfm tune``), from RUN/tuning.json and the ledgers."""
-    from fedfm.tune import read_tuning, tuning_privacy
-
     tuning = read_tuning(run_dir)
     if tuning is None:
         return None
@@ -155,7 +153,7 @@ def run_summary(config: ExperimentConfig, results: dict[str, Any]) -> dict[str, 
         "adapter": adapter_line(config),
         "privacy": privacy_line(config),
         "delta": p.delta if p.sample_level else None,
-        "budget_epsilon": p.budget.epsilon if p.sample_level else None,
+        "budget_epsilon": enforced_budget(config, results),
         "rounds": f"{rounds_done} of {config.federation.rounds}",
         "local_epochs": config.train.local_epochs,
         "batch_size": config.train.batch_size,
@@ -177,6 +175,23 @@ def data_name(d: DataConfig) -> str:
         path = Path(d.path)
         return path.stem if d.source == "medmnist" else path.name
     return d.name or d.source
+
+
+def site_budget(config: ExperimentConfig, name: str, site: dict[str, Any]) -> float | None:
+    """The budget the site enforced, as it reported it; runs from before sites reported it: the config's."""
+    if not config.privacy.sample_level:
+        return None
+    enforced = site.get("budget_epsilon")
+    return float(enforced) if enforced is not None else config.privacy.budget.for_site(name)
+
+
+def enforced_budget(config: ExperimentConfig, results: dict[str, Any]) -> float | str | None:
+    """One budget when every site enforced the same, else "per site" (the site table has each)."""
+    budgets = {site_budget(config, name, site) for name, site in results.get("sites", {}).items()}
+    budgets.discard(None)
+    if not budgets:
+        return config.privacy.budget.epsilon if config.privacy.sample_level else None
+    return budgets.pop() if len(budgets) == 1 else "per site"
 
 
 def adapter_line(config: ExperimentConfig) -> str:
@@ -221,7 +236,7 @@ def site_rows(config: ExperimentConfig, results: dict[str, Any]) -> list[dict[st
             "metrics": _metrics_with_ci({**site.get("test", {}), "ci95": site.get("test_ci95", {})}),
             "personal": _metrics_with_ci({**site.get("test_personal", {}), "ci95": site.get("test_personal_ci95", {})}),
             "epsilon": site.get("epsilon"),
-            "budget": config.privacy.budget.for_site(name) if config.privacy.sample_level else None,
+            "budget": site_budget(config, name, site),
             "rounds_trained": site.get("rounds_trained"),
         })
     return rows
@@ -247,7 +262,7 @@ def round_curves(config: ExperimentConfig, results: dict[str, Any]) -> dict[str,
             if s in r.get("train", {}):
                 spent[s] = r["train"][s].get("epsilon", spent[s])
             curves["epsilon"][s].append(spent[s])
-    curves["budget"] = {s: config.privacy.budget.for_site(s) for s in names} if config.privacy.sample_level else {}
+    curves["budget"] = {s: site_budget(config, s, results["sites"][s]) for s in names} if config.privacy.sample_level else {}
     return curves
 
 
@@ -291,8 +306,6 @@ def baselines(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
             found[name] = read_results(folder)
     if len(found) == 1:
         return {}
-    from fedfm.tune import read_tuning
-
     chosen = {m: v.get("chosen_values") for m, v in ((read_tuning(run_dir) or {}).get("methods") or {}).items()}
     out = {}
     for name, res in found.items():

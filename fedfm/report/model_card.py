@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import fedfm
+from fedfm.audit.search import TUNING_FILE, tuning_privacy
 from fedfm.config import ExperimentConfig, ModelConfig
 from fedfm.models.astra import sha256_file
+from fedfm.models.spec import MERGED_WEIGHTS, merged_description
+from fedfm.privacy.entries import LABEL_COUNTS
 from fedfm.privacy.ledger import LedgerError, SiteLedger
 from fedfm.protocol import is_site_name, site_order
 from fedfm.report.collect import _metrics_with_ci, run_summary, site_rows
@@ -28,7 +31,6 @@ from fedfm.run_folder import CompletedRun, open_run
 CARD_FILE = "MODEL_CARD.md"
 CARD_JSON = "model_card.json"
 CARD_FORMAT = "fedfm-model-card"
-TUNING_FILE = "tuning.json"  # a search's trial table (fedfm tune), beside results.json
 CARD_VERSION = 1
 SMALL_TEST_SET = 100  # sites with fewer test images than this get a limitation line
 WEAK_EPSILON = 1.0  # above this, a per-image epsilon is a weak formal guarantee
@@ -39,7 +41,6 @@ CALIBRATION_METRICS = ("ece", "balanced_accuracy", "sensitivity", "specificity")
 METRIC_LABELS = {"auroc": "AUROC", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
                  "sensitivity": "sensitivity", "specificity": "specificity", "ece": "ECE", "loss": "loss"}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MERGED_WEIGHTS = "model.safetensors"
 VARIANTS = {
     "lora": "LoRA: A and B of every adapted layer train, and the new head",
     "ffa": "FFA-LoRA: A stays frozen at its seeded init, B and the new head train",
@@ -93,8 +94,6 @@ def model_facts(run: CompletedRun, results: dict[str, Any], folder: Path | None)
             if (folder / name).is_file():
                 files.append(_file_facts(folder / name, role, name))
     files.append(_file_facts(run.adapter_dir / ADAPTER_WEIGHTS, "run adapter", f"adapter/{ADAPTER_WEIGHTS}"))
-    from fedfm.export import merged_description  # lazy: fedfm.export writes this card
-
     shapes = merged_description(spec)
     return {
         "backbone": spec.model.backbone,
@@ -220,12 +219,18 @@ def privacy_facts(run: CompletedRun, results: dict[str, Any], summary: dict[str,
         "mechanism": summary["privacy"],
         "delta": p.delta if p.sample_level else None,
         "accountant": p.accountant if p.sample_level else None,
-        "budget_epsilon": p.budget.epsilon if p.sample_level else None,
+        "budget_epsilon": shared_budget(sites, p.budget.epsilon) if p.sample_level else None,
         "runs_in_budget": getattr(p, "runs_in_budget", 1),
         "sites": sites,
         "client_level": client_level_facts(run.path, results),
         "tuning": tuning_facts(run.path, results),
     }
+
+
+def shared_budget(sites: list[dict[str, Any]], configured: float) -> float:
+    """The budget every site's ledger records when they agree (what they enforced), else the configured one."""
+    enforced = {s["budget_epsilon"] for s in sites if s.get("budget_epsilon") is not None}
+    return enforced.pop() if len(enforced) == 1 else configured
 
 
 def site_privacy(ledger_dir: Path, name: str, row: dict[str, Any] | None, config: ExperimentConfig) -> dict[str, Any]:
@@ -259,7 +264,7 @@ def site_privacy(ledger_dir: Path, name: str, row: dict[str, Any] | None, config
         "accountant": last.get("accountant"),
         "accountant_library": last.get("accountant_library"),
         "budget_epsilon": last.get("budget_epsilon", budget),
-        "rounds": sum("epsilon" in e and e.get("kind") != "label-counts" for e in entries),
+        "rounds": sum("epsilon" in e and e.get("kind") != LABEL_COUNTS for e in entries),
         "last_round": last.get("round"),
         "n_train": last.get("n_train"),
         "source": f"ledger/{ledger.path.name}",
@@ -309,8 +314,6 @@ def tuning_facts(run_dir: Path, results: dict[str, Any]) -> dict[str, Any] | Non
 
 def _search_privacy(run_dir: Path) -> dict[str, Any]:
     try:
-        from fedfm.tune import tuning_privacy
-
         return tuning_privacy(run_dir)
     except (ImportError, LedgerError, KeyError, ValueError, OSError):
         return {}

@@ -30,7 +30,6 @@ from opacus.optimizers.optimizer import _generate_noise
 from fedfm.privacy.accountant import StepBatch
 from fedfm.training.per_sample import clip_and_accumulate
 
-LABEL_COUNTS = "label-counts"  # the kind of the ledger entry that records the noisy label counts
 LABEL_COUNT_SENSITIVITY = 1.0  # L2 change of the histogram when one image is added or removed
 
 

@@ -15,10 +15,12 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.accountants.accountant import IAccountant
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
@@ -27,7 +29,6 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from fedfm.config import PrivacyConfig, TrainConfig
 from fedfm.data.types import Split
 from fedfm.models.lora import train_mode
-from fedfm.privacy.accountant import SiteAccountant
 from fedfm.training.activation_cache import FeatureSplit
 from fedfm.training.class_balance import PostClipWeights
 from fedfm.training.per_sample import per_sample_linear_layers, unsupported_layer, use_fused_per_sample_clipping
@@ -86,12 +87,23 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+
+class StepAccountant(Protocol):
+    """What DP-SGD steps are charged to: an Opacus accountant with the site's history
+    (``fedfm.privacy.accountant.SiteAccountant`` is one; the trainer needs no more of it)."""
+
+    mechanism: str
+    opacus: IAccountant
+
+    @property
+    def total_steps(self) -> int: ...
+
 def train_round(
     model: nn.Module,
     split: Split | FeatureSplit,
     train_cfg: TrainConfig,
     privacy_cfg: PrivacyConfig,
-    accountant: SiteAccountant | None,
+    accountant: StepAccountant | None,
     noise_multiplier: float,
     seed: int,
     on_private_optimizer: Callable[[DPOptimizer, float], None] | None = None,
@@ -138,7 +150,7 @@ def train_round(
 
 @contextmanager
 def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                     privacy_cfg: PrivacyConfig, accountant: SiteAccountant, noise_multiplier: float):
+                     privacy_cfg: PrivacyConfig, accountant: StepAccountant, noise_multiplier: float):
     """Opacus' private model, optimizer and Poisson loader for ``model``, charged to ``accountant``.
 
     Per-sample gradients come from ``privacy.grad_sampler``: ``fused`` (fedfm's

@@ -17,7 +17,7 @@ from fedfm.cli import main
 from fedfm.config import load_config
 from fedfm.deploy.init import init_deployment
 from fedfm.deploy.local import LocalDeployment, site_node_config
-from fedfm.privacy.audit import audit_run
+from fedfm.audit.ledgers import audit_run
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.simulate import prepare_run_dir, write_run_config
 

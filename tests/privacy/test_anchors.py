@@ -12,7 +12,7 @@ from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict
 from fedfm.privacy.accountant import SiteAccountant, StepBatch
 from fedfm.privacy.anchors import AnchorLog, AnchorRejected
-from fedfm.privacy.audit import audit_run
+from fedfm.audit.ledgers import audit_run
 from fedfm.privacy.heads import HeadStore, LedgerRolledBack, head_of
 from fedfm.privacy.ledger import SiteLedger, entry_hash
 from fedfm.privacy.signing import simulation_signer

@@ -16,11 +16,11 @@ from fedfm.data.types import Split
 from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict
 from fedfm.privacy.accountant import SiteAccountant, StepBatch, calibrate_noise
-from fedfm.privacy.audit import audit_run, write_audit
+from fedfm.audit.ledgers import audit_run, write_audit
 from fedfm.privacy.ledger import SiteLedger
 from fedfm.site import BudgetExhausted, Site, round_seed
+from fedfm.privacy.entries import LABEL_COUNTS
 from fedfm.training.class_balance import (
-    LABEL_COUNTS,
     PostClipWeights,
     balanced_weights,
     imbalance_ratio,

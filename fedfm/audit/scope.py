@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedfm.audit.search import read_tuning, tuning_privacy
+
 
 def scope_notes(run_dir: str | Path) -> list[str]:
     """Plain sentences for ``audit.md`` about the run folder ``run_dir`` (empty for a bare ledger folder)."""
-    from fedfm.tune import read_tuning, tuning_privacy
-
     run_dir = Path(run_dir)
     notes: list[str] = []
     tuning = read_tuning(run_dir)

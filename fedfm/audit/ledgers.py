@@ -33,13 +33,14 @@ from opacus.accountants import RDPAccountant
 
 from fedfm.privacy.accountant import SiteAccountant
 from fedfm.privacy.anchors import ANCHOR_LOG, AnchorLog, check_ledger, verify_log
+from fedfm.audit.empirical import replay_with_canaries
+from fedfm.config import load_config
 from fedfm.privacy.client_level import DP_ACCOUNTING_RDP
+from fedfm.privacy.entries import KINDS, LABEL_COUNTS, LedgerEntry
 from fedfm.privacy.ledger import LedgerError, SiteLedger, batch_of
 from fedfm.protocol import site_id as protocol_site_id
 from fedfm.privacy.signing import KEYS_DIR, SigningError, load_public_key, public_key_id, verify_signature
 
-LABEL_COUNTS = "label-counts"  # ledger entries of a site's noisy label-count release
-KINDS = (None, LABEL_COUNTS)  # an entry without a kind is a round of DP-SGD steps (or a client-level round)
 # the integer orders in both Opacus' default grid and dp-accounting's (Opacus has no 11), so the
 # integer-order RDP bound is never below either library's default-grid value
 INTEGER_ORDERS = [float(a) for a in range(2, 64) if a != 11]
@@ -144,6 +145,12 @@ def audit_ledger(ledger: SiteLedger, keys_dir: Path | None = None) -> SiteAudit:
     if not entries:
         report.problems.append(f"{ledger.path}: the ledger is empty")
         return report
+    for number, entry in enumerate(entries, start=1):
+        try:
+            LedgerEntry.from_record(entry)
+        except TypeError as err:  # a field every writer sets is missing
+            report.problems.append(f"{ledger.path}: entry {number} is not a ledger entry ({err})")
+            return report
     _check_signatures(ledger, entries, keys_dir, report)
     report.rounds = [int(e["round"]) for e in entries if not is_release(e)]
     releases = [e for e in entries if is_release(e)]
@@ -410,16 +417,12 @@ def cross_check_results(run_dir: Path, audits: list[SiteAudit]) -> None:
 
 
 def _run_config(run_dir: Path):
-    from fedfm.config import load_config
-
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"--canaries replays the sites' training: {run_dir / 'config.yaml'} is needed (pass a run folder)")
     return load_config(run_dir / "config.yaml")
 
 
 def _add_empirical(audit: SiteAudit, config, ledger: SiteLedger, canaries: int, seed: int) -> None:
-    from fedfm.privacy.empirical import replay_with_canaries
-
     site_id = protocol_site_id(ledger.site)
     rounds = [e for e in ledger.verify() if not is_release(e)]  # replay the DP-SGD rounds; the claim keeps the release
     if not rounds:

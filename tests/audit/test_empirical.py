@@ -10,8 +10,8 @@ from fedfm.cli import main
 from fedfm.config import load_config
 from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict
-from fedfm.privacy.canaries import GradientCanaries
-from fedfm.privacy.empirical import replay_with_canaries
+from fedfm.audit.canaries import GradientCanaries
+from fedfm.audit.empirical import replay_with_canaries
 from fedfm.site import Site
 
 SETTINGS = [

@@ -2,7 +2,7 @@
 
 The site's training is re-run from the run's initial adapter with the noise multiplier, sampling
 rate and steps its ledger records, on its own data, with ``m`` gradient canaries planted
-(:mod:`fedfm.privacy.canaries`). The one-run test (:mod:`fedfm.privacy.one_run`) turns the
+(:mod:`fedfm.audit.canaries`). The one-run test (:mod:`fedfm.audit.one_run`) turns the
 canaries' scores into an epsilon lower bound at the stated confidence. A bound above the
 claimed epsilon falsifies the claim: the implementation adds less noise than it accounts for.
 It is a sanity check, not "the true epsilon": the bound is loose by design.
@@ -20,8 +20,8 @@ from fedfm.config import ExperimentConfig
 from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict
 from fedfm.privacy.accountant import SiteAccountant
-from fedfm.privacy.canaries import GradientCanaries
-from fedfm.privacy.one_run import OneRunAudit, audit_scores
+from fedfm.audit.canaries import GradientCanaries
+from fedfm.audit.one_run import OneRunAudit, audit_scores
 from fedfm.site import Site, round_seed
 from fedfm.training.local import plan_steps, train_round
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfm.privacy.one_run import audit_scores, epsilon_lower_bound, p_value
+from fedfm.audit.one_run import audit_scores, epsilon_lower_bound, p_value
 
 
 def test_reachable_bounds_with_every_guess_correct_match_privacy_md():

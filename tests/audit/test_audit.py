@@ -6,7 +6,7 @@ import pytest
 
 from fedfm.cli import main
 from fedfm.privacy.accountant import SiteAccountant, StepBatch
-from fedfm.privacy.audit import audit_run, dp_accounting_epsilons, dp_accounting_rdp_default_orders
+from fedfm.audit.ledgers import audit_run, dp_accounting_epsilons, dp_accounting_rdp_default_orders
 from fedfm.privacy.ledger import SiteLedger
 
 

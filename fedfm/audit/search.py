@@ -1,0 +1,77 @@
+"""The privacy of a hyperparameter search (``fedfm tune``): every trial trained on the same
+private data, so a site's guarantee composes every trial's ledger entries with the final run's;
+for a random search with a geometric number of trials, Papernot & Steinke's sharper bound for
+whoever sees only the chosen model. Also where a search folder keeps its trials and table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedfm.audit.ledgers import find_ledgers
+from fedfm.privacy.tuning import ORDERS, composed_epsilon, ps_epsilon_of_curve, trial_rdp
+
+TUNING_FILE = "tuning.json"  # a search's trial table, beside the final run's results.json
+
+
+def trial_dir(out: Path, number: int) -> Path:
+    return out / "trials" / f"trial-{number:03d}"
+
+
+def read_tuning(run_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / TUNING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def tuning_privacy(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Per site: runs of the search it trained in and the epsilon of all of them composed (the
+    site's ledger holds every trial's entries and the final run's)."""
+    run_dir = Path(run_dir)
+    tuning = read_tuning(run_dir) or {}
+    runs = len(tuning.get("trials", [])) + int((run_dir / "results.json").is_file())
+    out: dict[str, dict[str, Any]] = {}
+    for ledger in find_ledgers(run_dir):
+        entries = ledger.entries()
+        if not entries:
+            continue
+        delta = float(entries[-1]["delta"])
+        out[ledger.site] = {
+            "runs": runs, "entries": len(entries),
+            "epsilon_total": composed_epsilon([entries], delta, str(entries[-1].get("accountant", "prv"))),
+            "delta": delta,
+            "ps_epsilon": random_search_epsilon(run_dir, tuning, ledger.site, delta),
+        }
+    return out
+
+
+def _run_rdp(run_dir: Path, site: str, lams) -> Any:
+    """RDP curve of one site's DP-SGD in one run, from the run's per-round train metrics."""
+    curve = np.zeros(len(lams))
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return curve
+    for entry in json.loads(path.read_text()).get("rounds", []):
+        m = entry.get("train", {}).get(site)
+        if m and m.get("noise-multiplier"):
+            curve += trial_rdp(float(m["noise-multiplier"]), float(m["sample-rate"]), int(m["steps"]), lams)
+    return curve
+
+
+def random_search_epsilon(run_dir: Path, tuning: dict[str, Any], site: str, delta: float) -> float | None:
+    """Papernot & Steinke's bound for the chosen model of a random search (K geometric): the largest
+    trial RDP curve over the trials (a trial's candidate is drawn at random), then the final run.
+    It holds for whoever sees only the chosen model; the coordinator saw every trial's updates,
+    for which composition (epsilon_total) is the guarantee. None for a grid search."""
+    if tuning.get("search") != "random" or not tuning.get("trials"):
+        return None
+    lams = np.sort(np.asarray(ORDERS, dtype=float))
+    curves = [_run_rdp(trial_dir(run_dir, t["number"]), site, lams) for t in tuning["trials"]]
+    worst = np.max(curves, axis=0)
+    if not worst.any():
+        return None
+    mean = float(tuning["random_trials_mean"])
+    bound = ps_epsilon_of_curve(worst, lams, delta, "tnb", eta=1.0, gamma=1.0 / mean, then=_run_rdp(run_dir, site, lams))
+    return bound.epsilon

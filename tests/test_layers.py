@@ -1,0 +1,78 @@
+"""Imports run one way: no fedfm module imports one of a higher layer (at module level or inside
+a function), the library imports no Flower, and server/ and clients/ import no private Flower name."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# lowest first; a module may import its own layer and the layers below it
+LAYERS = [
+    ["protocol", "config", "transport", "appconfig", "run_log"],
+    ["data"],
+    ["models", "eval"],
+    ["privacy"],
+    ["training"],
+    ["site", "personal", "global_model", "results"],
+    ["federation", "baselines", "run_folder"],
+    ["audit"],
+    ["report"],
+    ["export", "predict", "simulate", "study", "tune", "deploy", "bench", "cli"],
+]
+RANK = {name: number for number, names in enumerate(LAYERS) for name in names}
+
+
+def _imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module, [alias.name for alias in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, []
+
+
+def _unit(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "fedfm" else None
+
+
+def _library_modules():
+    for path in sorted((ROOT / "fedfm").rglob("*.py")):
+        unit = path.relative_to(ROOT / "fedfm").parts[0].removesuffix(".py")
+        if unit != "__init__":
+            yield path, unit
+
+
+def test_every_library_module_has_a_layer():
+    assert sorted({unit for _, unit in _library_modules()} - set(RANK)) == []
+
+
+def test_no_import_runs_from_a_lower_layer_to_a_higher_one():
+    upward = []
+    for path, unit in _library_modules():
+        for module, names in _imports(path):
+            targets = [f"fedfm.{n}" for n in names] if module == "fedfm" else [module]
+            for target in targets:
+                other = _unit(target)
+                if other in RANK and RANK[other] > RANK[unit]:
+                    upward.append(f"{path.relative_to(ROOT)} imports {target}")
+    assert upward == []
+
+
+def test_the_library_imports_no_flower():
+    flower = [f"{path.relative_to(ROOT)}: {module}" for path, _ in _library_modules()
+              for module, _ in _imports(path) if module.split(".")[0] == "flwr"]
+    assert flower == []
+
+
+def test_the_flower_glue_uses_public_names_only():
+    private = []
+    for folder in ("server", "clients"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for module, names in _imports(path):
+                if module.split(".")[0] != "flwr":
+                    continue
+                if module.split(".")[1:2] == ["supercore"] or any(p.startswith("_") for p in module.split(".")) \
+                        or any(n.startswith("_") for n in names):
+                    private.append(f"{path.relative_to(ROOT)}: {module} {names}")
+    assert private == []
