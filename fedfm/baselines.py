@@ -25,9 +25,7 @@ import torch
 
 from fedfm.config import ExperimentConfig
 from fedfm.data import SiteData, Split, load_sites
-from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict
-from fedfm.models.stacking import stack
 from fedfm.results import SiteEvaluation, pooled_summary, summarize_site_test, worst_site, write_json
 from fedfm.protocol import site_name, sorted_sites
 from fedfm.site import BudgetExhausted, Site
@@ -59,15 +57,14 @@ def train_alone(site: Site, rounds: int, log_prefix: str = "") -> tuple[dict[str
     refuses ends training, as in the federation. With per-site ranks (lora.site_ranks) each round's
     adapter is stacked onto the global one, as the server does for a federation of one site.
     """
-    lora = site.config.lora
-    adapter = adapter_state_dict(build_global_model(site.config))
+    adapter = adapter_state_dict(site.method.global_model())
     history: list[dict[str, Any]] = []
     for server_round in range(1, rounds + 1):
         try:
             reply = site.train(adapter, server_round)
         except BudgetExhausted as refusal:
             return adapter, history, str(refusal)
-        adapter = stack(adapter, [(reply.adapter, 1.0)], lora.alpha, lora.stack_max_rank) if lora.stacked else reply.adapter
+        adapter = site.method.combine(adapter, [(reply.adapter, 1.0)])  # a federation of one site
         entry = {"round": server_round, "train_loss": reply.metrics["train-loss"], "epsilon": reply.metrics["epsilon"]}
         history.append(entry)
         print(f"[fedfm] {log_prefix}round {server_round}/{rounds}: train loss {entry['train_loss']:.4f}, "

@@ -19,16 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedfm.models.method import is_personal
+
 _ROUND = re.compile(r"-round-(\d+)\.safetensors$")
-
-
-def is_personal(key: str, mode: str) -> bool:
-    """Whether adapter key ``key`` is personal under ``lora.personal=mode``."""
-    if mode == "head":
-        return "lora_" not in key
-    if mode == "lora_B":
-        return ".lora_B." in key
-    return False
 
 
 class PersonalState:

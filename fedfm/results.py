@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from fedfm.config import ExperimentConfig
 from fedfm.eval.calibration import CALIBRATED, TEMPERATURES, Calibration, apply_calibration
 from fedfm.eval.metrics import bootstrap_intervals, classification_metrics, reliability_curve
-from fedfm.models import load_adapter_state_dict, save_adapter, unwrap
-from fedfm.models.spec import SPEC_ATTR
-from fedfm.models.stacking import global_model as stacked_global_model
+from fedfm.global_model import run_method
+from fedfm.models import save_adapter
+from fedfm.models.method import AdapterMethod
 from fedfm.protocol import BUDGET_EPSILON, DELTA, EPSILON, LABEL_COUNTS, NUM_EXAMPLES, SIZES, TRAIN_LOSS, site_name, site_order
 TEST_METRICS = ("auroc", "accuracy", "balanced_accuracy", "loss", "ece", "sensitivity", "specificity")
 
@@ -57,6 +57,13 @@ class RunRecorder:
     earlier_wall_time_s: float = 0.0
     validation: dict[str, Any] = field(default_factory=dict)  # the final adapter on the validation splits
     calibration: Calibration | None = None  # fitted on the sites' summed validation statistics
+    method: AdapterMethod | None = None  # the run's adaptation method (default: the config's)
+
+    @property
+    def adapter_method(self) -> AdapterMethod:
+        if self.method is None:
+            self.method = run_method(self.config)
+        return self.method
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -154,10 +161,7 @@ class RunRecorder:
                 k: v for k, v in calibrated_pooled_summary(evaluations, calibration).items() if k != "reliability"}
 
     def finalize(self, adapter: dict[str, torch.Tensor], evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
-        if self.config.lora.stacked:  # the stacked adapter's ranks grew from round to round
-            self.model = stacked_global_model(getattr(unwrap(self.model), SPEC_ATTR), adapter)
-        else:
-            load_adapter_state_dict(self.model, adapter)
+        self.model = self.adapter_method.global_model(adapter)  # stacked ranks grow from round to round
         save_adapter(self.model, self.run_dir / "adapter")
         return self.write_results(status="complete", evaluations=evaluations)
 

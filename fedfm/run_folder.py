@@ -17,7 +17,7 @@ from torch import nn
 from fedfm.config import ConfigError, ExperimentConfig, load_config
 from fedfm.eval.calibration import Calibration
 from fedfm.models import ModelSpec, build_backbone, read_spec
-from fedfm.models.stacking import global_lora_config
+from fedfm.models.method import adapter_method
 
 NEEDED = ("config.yaml", "results.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors")
 
@@ -79,8 +79,8 @@ def _spec_from_data(config: ExperimentConfig, path: Path) -> ModelSpec:
             f"{path / 'adapter'} has no fedfm_model.json and the run's data, needed to know its classes and "
             f"channels, cannot be read ({err}): point data.path in {path / 'config.yaml'} at the data"
         ) from None
-    lora = global_lora_config(config.lora) if config.lora.stacked else config.lora
-    return ModelSpec(config.model, lora, info.num_classes, info.channels, config.data.image_size, info.spatial_dims)
+    spec = ModelSpec(config.model, config.lora, info.num_classes, info.channels, config.data.image_size, info.spatial_dims)
+    return adapter_method(spec).saved_spec
 
 
 def read_calibration(run: CompletedRun) -> Calibration | None:

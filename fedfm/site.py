@@ -20,8 +20,8 @@ from fedfm.config import ExperimentConfig, config_hash
 from fedfm.data import label_counts, load_site
 from fedfm.data.types import SiteData, Split
 from fedfm.eval.metrics import classification_metrics
-from fedfm.models import ModelSpec, adapter_state_dict, build_model, load_adapter_state_dict
-from fedfm.models.stacking import site_model
+from fedfm.models import ModelSpec, adapter_state_dict
+from fedfm.models.method import adapter_method
 from fedfm.personal import PersonalState
 from fedfm.protocol import (
     CLASS_WEIGHTED,
@@ -98,6 +98,8 @@ class Site:
         self.run_id = str(run_id)
         self.name = data.name if data is not None else site_name(site_id)
         self.data: SiteData = data if data is not None else load_site(config.data, site_id)
+        self.method = adapter_method(ModelSpec(config.model, config.lora, self.data.num_classes, self.data.channels,
+                                               config.data.image_size, self.data.spatial_dims))
         self.ledger = SiteLedger(ledger_dir, self.name, site_signer(ledger_dir, self.name, signing_key))
         self.heads = HeadStore(Path(heads_dir) if heads_dir else Path(ledger_dir) / HEADS_DIR, self.name)
         self.personal = PersonalState(Path(ledger_dir) / "personal", self.name, config.lora.personal)
@@ -119,18 +121,10 @@ class Site:
     def fresh_model(self, global_adapter: dict[str, torch.Tensor]) -> torch.nn.Module:
         """The model this site trains or evaluates, starting from ``global_adapter``.
 
-        With per-site ranks (lora.site_ranks) the global adapter is merged into the base weights
-        and the site gets a fresh adapter of its own rank (see :mod:`fedfm.models.stacking`).
+        The run's adaptation method builds it (:mod:`fedfm.models.method`): with per-site ranks
+        the global adapter is merged into the base weights and the site gets its own rank.
         """
-        cfg = self.config
-        if cfg.lora.stacked:
-            spec = ModelSpec(cfg.model, cfg.lora, self.data.num_classes, self.data.channels, cfg.data.image_size,
-                             self.data.spatial_dims)
-            return site_model(spec, cfg.lora.rank_for(self.name), global_adapter)
-        model, _ = build_model(cfg.model, cfg.lora, self.data.num_classes, self.data.channels, cfg.data.image_size,
-                               self.data.spatial_dims)
-        load_adapter_state_dict(model, global_adapter)
-        return model
+        return self.method.site_model(self.name, global_adapter)
 
     def noise_multiplier(self, sample_rate: float, steps_per_round: int) -> float:
         """The configured sigma, or one calibrated to the target epsilon over all planned rounds

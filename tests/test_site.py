@@ -8,7 +8,7 @@ from opacus.accountants import create_accountant
 
 from fedfm.config import load_config
 from fedfm.global_model import build_global_model
-from fedfm.models import adapter_state_dict, build_model, state_bytes
+from fedfm.models import ModelSpec, adapter_state_dict, build_model, state_bytes
 from fedfm.models.registry import build_backbone
 from fedfm.site import BudgetExhausted, Site
 from fedfm.training.local import plan_steps, train_round
@@ -118,8 +118,8 @@ def test_without_privacy_the_same_code_trains_and_keeps_no_ledger(tmp_path):
 
 def test_model_cache_returns_independent_copies():
     config = _config()
-    a, _ = build_model(config.model, config.lora, 2, 1, 16)
-    b, _ = build_model(config.model, config.lora, 2, 1, 16)
+    a, _ = build_model(ModelSpec(config.model, config.lora, 2, 1, 16))
+    b, _ = build_model(ModelSpec(config.model, config.lora, 2, 1, 16))
     key = next(k for k, _ in a.named_parameters() if "lora_A" in k)
     with torch.no_grad():
         dict(a.named_parameters())[key].add_(1.0)

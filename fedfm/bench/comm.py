@@ -25,12 +25,12 @@ def _bytes(model, fp16: bool = False) -> int:
 
 def update_bytes(backbone: str, image_size: int, channels: int = 1, r: int = 8) -> dict[str, Any]:
     from fedfm.config import LoraConfig, ModelConfig
-    from fedfm.models import build_model, state_bytes
+    from fedfm.models import ModelSpec, build_model, state_bytes
     from fedfm.models.registry import build_backbone
 
     model_cfg = ModelConfig(backbone=backbone, pretrained=False)
-    lora, _ = build_model(model_cfg, LoraConfig(r=r), 2, channels, image_size)
-    ffa, _ = build_model(model_cfg, LoraConfig(r=r, variant="ffa"), 2, channels, image_size)
+    lora, _ = build_model(ModelSpec(model_cfg, LoraConfig(r=r), 2, channels, image_size))
+    ffa, _ = build_model(ModelSpec(model_cfg, LoraConfig(r=r, variant="ffa"), 2, channels, image_size))
     full = state_bytes(build_backbone(model_cfg, 2, channels, image_size).model.state_dict())
     row = {"backbone": backbone, "r": r, "full_model": full, "lora": _bytes(lora), "ffa": _bytes(ffa),
            "lora_fp16": _bytes(lora, fp16=True), "ffa_fp16": _bytes(ffa, fp16=True)}

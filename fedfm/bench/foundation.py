@@ -28,7 +28,7 @@ def measure_step(backbone: str, image_size: int, batch: int, dp: bool, cached: b
     from torch.utils.data import DataLoader, TensorDataset
 
     from fedfm.config import LoraConfig, ModelConfig, PrivacyConfig
-    from fedfm.models import build_model, count_parameters, train_mode
+    from fedfm.models import ModelSpec, build_model, count_parameters, train_mode
     from fedfm.models.stages import model_stages, run_stages
     from fedfm.privacy.accountant import SiteAccountant
     from fedfm.training.activation_cache import SuffixModel, prefix_length
@@ -36,7 +36,7 @@ def measure_step(backbone: str, image_size: int, batch: int, dp: bool, cached: b
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model, _ = build_model(ModelConfig(backbone=backbone), LoraConfig(r=8), 2, 1, image_size)
+    model, _ = build_model(ModelSpec(ModelConfig(backbone=backbone), LoraConfig(r=8), 2, 1, image_size))
     rng = np.random.default_rng(0)
     x = torch.tensor(rng.random((batch, 1, image_size, image_size), dtype=np.float32))
     y = torch.tensor(rng.integers(0, 2, batch))
@@ -95,7 +95,7 @@ def site_round(config_path: str, backbone: str, cached: bool, overrides: list[st
     import torch
 
     from fedfm.config import load_config
-    from fedfm.models import adapter_state_dict, build_model
+    from fedfm.models import ModelSpec, adapter_state_dict, build_model
     from fedfm.site import Site
 
     torch.set_num_threads(1)
@@ -103,8 +103,8 @@ def site_round(config_path: str, backbone: str, cached: bool, overrides: list[st
                                        *overrides])
     folder = out / f"{backbone}-{'cache' if cached else 'nocache'}"
     site = Site(config, 0, folder)
-    model, _ = build_model(config.model, config.lora, site.data.num_classes, site.data.channels,
-                           config.data.image_size, site.data.spatial_dims)
+    model, _ = build_model(ModelSpec(config.model, config.lora, site.data.num_classes, site.data.channels,
+                           config.data.image_size, site.data.spatial_dims))
     state = adapter_state_dict(model)
     first = site.train(state, 1).metrics
     started = time.perf_counter()  # a later round as a ClientApp runs it: a new Site, the cache found on disk
@@ -132,10 +132,10 @@ def round_rows(config_path: str, overrides: list[str], out: Path) -> list[dict[s
 
 def bytes_row(image_size: int) -> dict[str, Any]:
     from fedfm.config import LoraConfig, ModelConfig
-    from fedfm.models import adapter_state_dict, build_model, state_bytes
+    from fedfm.models import ModelSpec, adapter_state_dict, build_model, state_bytes
     from fedfm.models.astra import ENCODER_PARAMETERS
 
-    model, _ = build_model(ModelConfig(backbone="astra-ct"), LoraConfig(r=8), 2, 1, image_size)
+    model, _ = build_model(ModelSpec(ModelConfig(backbone="astra-ct"), LoraConfig(r=8), 2, 1, image_size))
     update = state_bytes(adapter_state_dict(model))
     full = ENCODER_PARAMETERS * 4
     return {"backbone": "astra-ct", "update_bytes": update, "full_3d_fp32_bytes": full, "fraction": update / full}

@@ -34,7 +34,7 @@ def stepper(backbone: str, mode: str, image_size: int, batch: int) -> Iterator[t
     from torch.utils.data import DataLoader, TensorDataset
 
     from fedfm.config import LoraConfig, ModelConfig, PrivacyConfig
-    from fedfm.models import build_model
+    from fedfm.models import ModelSpec, build_model
     from fedfm.models.lora import train_mode
     from fedfm.models.registry import build_backbone
     from fedfm.privacy.accountant import SiteAccountant
@@ -47,7 +47,7 @@ def stepper(backbone: str, mode: str, image_size: int, batch: int) -> Iterator[t
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        model, _ = build_model(model_cfg, LoraConfig(r=8), 2, 1, image_size)
+        model, _ = build_model(ModelSpec(model_cfg, LoraConfig(r=8), 2, 1, image_size))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-3)
     rng = np.random.default_rng(0)

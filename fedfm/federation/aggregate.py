@@ -3,12 +3,9 @@
 Each aggregator takes the round's global adapter and the screened replies (fp32, sorted by site)
 and returns the new global adapter, or None when the round releases nothing:
 
-- :class:`FedAvg`: the average weighted by each site's training images;
-- :class:`StackedLora`: per-site LoRA ranks, stacked exactly (FLoRA, ``fedfm.models.stacking``);
+- :class:`CombineByMethod`: what the adaptation method does (``fedfm.models.method``): the
+  average weighted by each site's training images, or the exact stacking of per-site ranks;
 - ``fedfm.federation.client_dp.ClientLevelDP``: clipped, equally weighted, Gaussian noise.
-
-The weighted average accumulates in numpy in the order of the replies: ``sum_k (w_k / W) x_k``
-in the adapter's dtype, the arithmetic of Flower's FedAvg, so results carry over to the digit.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ import numpy as np
 import torch
 
 from fedfm.federation.replies import Reply
-from fedfm.models.stacking import stack
+from fedfm.models.method import AdapterMethod
 from fedfm.protocol import NUM_EXAMPLES
 
 Adapter = dict[str, torch.Tensor]
@@ -29,44 +26,18 @@ class Aggregator(Protocol):
     def aggregate(self, server_round: int, current: Adapter, replies: list[Reply]) -> Adapter | None: ...
 
 
-def weighted_average(adapters: list[Adapter], weights: list[float]) -> Adapter:
-    """``sum_k (w_k / sum w) adapter_k``, accumulated in the order given."""
-    total = sum(weights)
-    out: dict[str, np.ndarray] = {}
-    for adapter, weight in zip(adapters, weights, strict=True):
-        factor = weight / total
-        for key, tensor in adapter.items():
-            if key in out:
-                out[key] += tensor.numpy() * factor
-            else:
-                out[key] = tensor.numpy() * factor
-    return {key: torch.from_numpy(np.asarray(value)) for key, value in out.items()}
+class CombineByMethod:
+    """FedAvg or FLoRA stacking: whatever the run's adaptation method combines, weighted by the
+    sites' training images."""
 
-
-class FedAvg:
-    """The average of the sites' adapters weighted by ``weight_key`` (default: training images)."""
-
-    def __init__(self, weight_key: str = NUM_EXAMPLES):
+    def __init__(self, method: AdapterMethod, weight_key: str = NUM_EXAMPLES):
+        self.method = method
         self.weight_key = weight_key
 
     def aggregate(self, server_round: int, current: Adapter, replies: list[Reply]) -> Adapter | None:
         if not replies:
             return None
-        return weighted_average([r.arrays for r in replies], [float(r.metrics[self.weight_key]) for r in replies])
-
-
-class StackedLora:
-    """Per-site ranks (``lora.site_ranks``): the exact sum of the sites' low-rank updates."""
-
-    def __init__(self, alpha: float, max_rank: int | None):
-        self.alpha = alpha
-        self.max_rank = max_rank
-
-    def aggregate(self, server_round: int, current: Adapter, replies: list[Reply]) -> Adapter | None:
-        if not replies:
-            return None
-        updates = [(r.arrays, float(r.metrics[NUM_EXAMPLES])) for r in replies]
-        return stack(current, updates, self.alpha, self.max_rank)
+        return self.method.combine(current, [(r.arrays, float(r.metrics[self.weight_key])) for r in replies])
 
 
 def update_norm(arrays: list[np.ndarray]) -> float:

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from fedfm.federation.aggregate import Adapter, add_gaussian_noise, clip_update, weighted_average
+from fedfm.federation.aggregate import Adapter, add_gaussian_noise, clip_update
+from fedfm.models.method import weighted_average
 from fedfm.federation.replies import Reply
 from fedfm.privacy.client_level import DP_ACCOUNTING_RDP, ClientLevelAccountant
 from fedfm.privacy.entries import NO_AMPLIFICATION, LedgerEntry

@@ -18,10 +18,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from fedfm.config import ExperimentConfig
-from fedfm.federation.aggregate import Adapter, Aggregator, FedAvg, StackedLora
+from fedfm.federation.aggregate import Adapter, Aggregator, CombineByMethod
 from fedfm.federation.client_dp import ClientLevelDP
 from fedfm.federation.progress import progress_line
-from fedfm.federation.replies import Reply, Screening, adapter_problem, rank_problem
+from fedfm.federation.replies import Reply, Screening, adapter_problem
+from fedfm.models.method import AdapterMethod
 from fedfm.privacy.anchors import AnchorLog, AnchorRejected
 from fedfm.privacy.heads import LedgerHead
 from fedfm.protocol import ROUND_OFFSET, SERVER_ROUND, SITE_ID, SPLIT, site_order
@@ -47,11 +48,12 @@ class Coordinator:
     """One run's federation state across rounds (``recorder`` keeps what results.json says)."""
 
     def __init__(self, config: ExperimentConfig, recorder: RunRecorder, adapter_keys: list[str],
-                 aggregator: Aggregator, anchors: AnchorLog | None = None, run_id: str = "",
+                 method: AdapterMethod, aggregator: Aggregator, anchors: AnchorLog | None = None, run_id: str = "",
                  rng: random.Random | None = None):
         self.config = config
         self.recorder = recorder
         self.adapter_keys = list(adapter_keys)
+        self.method = method
         self.aggregator = aggregator
         self.anchors = anchors
         self.run_id = run_id
@@ -149,10 +151,7 @@ class Coordinator:
         """Why a train reply cannot be averaged, or None when it can."""
         if reply.malformed or reply.arrays is None or reply.metrics is None:
             return reply.malformed or "a train reply needs one ArrayRecord and one MetricRecord"
-        problem = adapter_problem(reply.arrays, self.adapter_keys)
-        if problem is None and self.config.lora.stacked:
-            problem = rank_problem(reply.arrays, reply.site, self.config.lora.rank_for(reply.site))
-        return problem
+        return adapter_problem(reply.arrays, self.adapter_keys) or self.method.update_problem(reply.site, reply.arrays)
 
     # --- evaluate ------------------------------------------------------------------------------
     def evaluate_nodes(self, server_round: int, connected: list[int]) -> list[int] | None:
@@ -175,21 +174,20 @@ class Coordinator:
         return entry
 
 
-def build_aggregator(config: ExperimentConfig, run_dir) -> Aggregator:
-    """FedAvg, FLoRA stacking (lora.site_ranks) or client-level DP-FedAvg, as the config says."""
+def build_aggregator(config: ExperimentConfig, method: AdapterMethod, run_dir) -> Aggregator:
+    """Client-level DP-FedAvg, or what the adaptation method combines (FedAvg, FLoRA stacking)."""
     if config.privacy.client_level:
         client, fed = config.privacy.client, config.federation
         sampled = max(int(config.data.num_sites * fed.fraction_train), fed.min_train_sites)
         return ClientLevelDP(client.noise_multiplier, client.clipping_norm, sampled, config.data.num_sites,
                              client.delta, run_dir / "ledger-federation")
-    if config.lora.stacked:
-        return StackedLora(config.lora.alpha, config.lora.stack_max_rank)
-    return FedAvg()
+    return CombineByMethod(method)
 
 
 def build_coordinator(config: ExperimentConfig, recorder: RunRecorder, adapter_keys: list[str],
                       anchors: AnchorLog | None = None, run_id: str = "") -> Coordinator:
     """The run's coordinator; ``anchors`` (DP-SGD runs) is the log of the sites' ledger heads."""
-    return Coordinator(config, recorder, adapter_keys, build_aggregator(config, recorder.run_dir),
+    method = recorder.adapter_method
+    return Coordinator(config, recorder, adapter_keys, method, build_aggregator(config, method, recorder.run_dir),
                        anchors if config.privacy.sample_level else None, run_id)
 

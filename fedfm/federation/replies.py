@@ -5,7 +5,7 @@ The server glue turns each transport message into a :class:`Reply`; the checks h
 whole screening protocol: an error reply is a refusal (out of budget, ledger rolled back) or a
 held-out site; a reply that trained must anchor its signed ledger head (DP-SGD runs); its
 adapter must have exactly the keys the server sent, every tensor finite floating point, and
-(per-site ranks) the rank the config gives that site.
+whatever the adaptation method asks of that site's update (per-site ranks: its rank).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfm.models.stacking import LORA_A, LORA_B
 from fedfm.protocol import HELD_OUT, REFUSALS_FOR_THE_RUN, reply_site
 
 
@@ -66,16 +65,6 @@ def adapter_problem(arrays: dict[str, torch.Tensor], adapter_keys: list[str]) ->
         values = tensor.numpy()
         if not np.issubdtype(values.dtype, np.floating) or not np.all(np.isfinite(values)):
             return f"tensor '{key}' is not finite floating point"
-    return None
-
-
-def rank_problem(arrays: dict[str, torch.Tensor], site: str, rank: int) -> str | None:
-    """Why a per-site-rank adapter does not have ``site``'s rank ``rank``, or None."""
-    for key, a in arrays.items():
-        if key.endswith(LORA_A):
-            b = arrays[key[: -len(LORA_A)] + LORA_B]
-            if a.shape[0] != rank or b.shape[1] != rank:
-                return f"{key} has rank {a.shape[0]} (B: {b.shape[1]}), but lora.site_ranks gives {site} rank {rank}"
     return None
 
 

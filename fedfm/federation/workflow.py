@@ -16,7 +16,7 @@ from fedfm.eval.calibration import Calibration, calibration_config, fit_calibrat
 from fedfm.federation.aggregate import Adapter
 from fedfm.federation.coordinator import Coordinator, build_coordinator
 from fedfm.federation.link import EVALUATE, TRAIN, Link, Outgoing
-from fedfm.global_model import build_global_model
+from fedfm.global_model import run_method
 from fedfm.models import adapter_state_dict, full_model_bytes
 from fedfm.privacy.anchors import AnchorLog
 from fedfm.protocol import CALIBRATION_STATS, RETURN_PREDICTIONS, SPLIT, decode_eval_reply
@@ -42,9 +42,10 @@ class RunRequest:
 def serve(link: Link, config: ExperimentConfig, request: RunRequest) -> dict[str, Any] | None:
     """Run (or resume) the federation; returns results.json's content, None when paused."""
     run_dir = request.run_dir
-    model = build_global_model(config)
+    method = run_method(config)
+    model = method.global_model()
     initial = adapter_state_dict(model)
-    recorder = RunRecorder(config, run_dir, model, full_model_bytes(model))
+    recorder = RunRecorder(config, run_dir, model, full_model_bytes(model), method=method)
     fed = config.federation
     done = 0
     if request.resume:

@@ -4,7 +4,6 @@ from fedfm.models.lora import (
     adapter_state_dict,
     apply_lora,
     build_model,
-    clear_model_cache,
     count_parameters,
     freeze_norm_layers,
     full_model_bytes,
@@ -16,6 +15,7 @@ from fedfm.models.lora import (
     train_mode,
     unwrap,
 )
+from fedfm.models.cache import clear_model_cache
 from fedfm.models.registry import (
     Backbone,
     available_backbones,

@@ -10,8 +10,6 @@ new head trains and travels, a linear probe of the frozen backbone under the sam
 
 from __future__ import annotations
 
-import copy
-import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +21,7 @@ from torch import nn
 
 from fedfm.config import ConfigError, LoraConfig, ModelConfig
 from fedfm.models.registry import Backbone, build_backbone
+from fedfm.models.cache import fresh
 from fedfm.models.spec import SPEC_ATTR, ModelSpec
 
 VARIANT_ATTR = "fedfm_lora_variant"  # attribute of the peft model that holds lora.variant
@@ -176,27 +175,14 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
     return out
 
 
-_CACHE: dict[str, tuple[nn.Module, Backbone]] = {}
+def build_model(spec: ModelSpec) -> tuple[nn.Module, Backbone]:
+    """The backbone with its seeded LoRA adapter, as ``spec`` says: a fresh copy of the process's
+    pristine one (:mod:`fedfm.models.cache`). Returns (peft model, its backbone)."""
 
+    def build() -> tuple[nn.Module, Backbone]:
+        backbone = build_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size, spec.spatial_dims)
+        peft_model = apply_lora(backbone, spec.lora)  # wraps backbone.model in place: the copy keeps them one
+        setattr(peft_model, SPEC_ATTR, replace(spec, model=spec.model.model_copy(), lora=spec.lora.model_copy()))
+        return peft_model, backbone
 
-def build_model(
-    model_cfg: ModelConfig, lora_cfg: LoraConfig, num_classes: int, in_channels: int, image_size: int,
-    spatial_dims: int = 2,
-) -> tuple[nn.Module, Backbone]:
-    """Backbone + LoRA, from an in-process cache of pristine copies; returns (peft model, backbone)."""
-    key = json.dumps([model_cfg.model_dump(), lora_cfg.model_dump(), num_classes, in_channels, image_size, spatial_dims])
-    if key not in _CACHE:
-        backbone = build_backbone(model_cfg, num_classes, in_channels, image_size, spatial_dims)
-        peft_model = apply_lora(backbone, lora_cfg)
-        spec = ModelSpec(model_cfg.model_copy(), lora_cfg.model_copy(), num_classes, in_channels, image_size,
-                         spatial_dims)
-        setattr(peft_model, SPEC_ATTR, spec)
-        _CACHE[key] = (peft_model, backbone)
-    pristine, backbone = _CACHE[key]
-    model = copy.deepcopy(pristine)
-    return model, replace(backbone, model=model.get_base_model())
-
-
-def clear_model_cache() -> None:
-    """Forget cached pristine models (frees their memory)."""
-    _CACHE.clear()
+    return fresh("peft", spec.key(), build)

@@ -61,6 +61,11 @@ class ModelSpec:
         except ValidationError as err:
             raise ConfigError(f"{source} is not a valid model spec ({err.errors()[0]['msg']})") from None
 
+    def key(self) -> str:
+        """What identifies the model this spec builds (the model cache's key)."""
+        return json.dumps([self.model.model_dump(), self.lora.model_dump(), self.num_classes, self.channels,
+                           self.image_size, self.spatial_dims])
+
     def write(self, folder: str | Path) -> Path:
         path = Path(folder) / SPEC_FILE
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

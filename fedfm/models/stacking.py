@@ -15,14 +15,14 @@ only its own A_k, B_k and the head; the server sends the stacked factors.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from fedfm.config import LoraConfig, ModelConfig
+from fedfm.config import LoraConfig
+from fedfm.models.cache import fresh
 from fedfm.models.lora import adapter_state_dict, apply_lora, load_adapter_state_dict
 from fedfm.models.registry import Backbone, build_backbone
 from fedfm.models.spec import SPEC_ATTR, ModelSpec
@@ -42,17 +42,11 @@ def global_lora_config(lora_cfg: LoraConfig) -> LoraConfig:
     return lora_cfg.model_copy(update={"r": 1, "alpha": 1.0, "dropout": 0.0, "site_ranks": {}, "personal": "none"})
 
 
-_BACKBONES: dict[str, Backbone] = {}
-
-
-def pristine_backbone(model_cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int,
-                      spatial_dims: int = 2) -> Backbone:
-    """A fresh copy of the backbone (built once per process, then copied)."""
-    key = json.dumps([model_cfg.model_dump(), num_classes, in_channels, image_size, spatial_dims])
-    if key not in _BACKBONES:
-        _BACKBONES[key] = build_backbone(model_cfg, num_classes, in_channels, image_size, spatial_dims)
-    backbone = _BACKBONES[key]
-    return replace(backbone, model=copy.deepcopy(backbone.model))
+def pristine_backbone(spec: ModelSpec) -> Backbone:
+    """A fresh copy of ``spec``'s backbone without an adapter (:mod:`fedfm.models.cache`)."""
+    key = json.dumps([spec.model.model_dump(), spec.num_classes, spec.channels, spec.image_size, spec.spatial_dims])
+    return fresh("backbone", key, lambda: build_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size,
+                                                         spec.spatial_dims))
 
 
 def global_model(spec: ModelSpec, state: dict[str, torch.Tensor], backbone: Backbone | None = None) -> nn.Module:
@@ -60,7 +54,7 @@ def global_model(spec: ModelSpec, state: dict[str, torch.Tensor], backbone: Back
 
     ``backbone`` (a pristine copy, wrapped in place) saves a copy when the caller has one.
     """
-    backbone = backbone or pristine_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size, spec.spatial_dims)
+    backbone = backbone or pristine_backbone(spec)
     config = global_lora_config(spec.lora)
     model = apply_lora(backbone, config, ranks=layer_ranks(state))
     setattr(model, SPEC_ATTR, replace(spec, lora=config))
@@ -70,14 +64,14 @@ def global_model(spec: ModelSpec, state: dict[str, torch.Tensor], backbone: Back
 
 def initial_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
     """The global adapter before any round: rank 1 per layer with B = 0 (no change to the backbone)."""
-    backbone = pristine_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size, spec.spatial_dims)
+    backbone = pristine_backbone(spec)
     return adapter_state_dict(apply_lora(backbone, global_lora_config(spec.lora)))
 
 
 def site_model(spec: ModelSpec, rank: int, state: dict[str, torch.Tensor]) -> nn.Module:
     """What a site trains: the global adapter merged into the base weights, plus a fresh rank-``rank``
     adapter (seeded A, B = 0) and the global head, ready to train."""
-    backbone = pristine_backbone(spec.model, spec.num_classes, spec.channels, spec.image_size, spec.spatial_dims)
+    backbone = pristine_backbone(spec)
     merged = global_model(spec, state, backbone).merge_and_unload()
     site_cfg = spec.lora.model_copy(update={"r": rank})
     model = apply_lora(replace(backbone, model=merged), site_cfg)

@@ -16,6 +16,7 @@ from fedfm import protocol
 from fedfm.audit.search import read_tuning, tuning_privacy
 from fedfm.config import ConfigError, DataConfig, ExperimentConfig
 from fedfm.data.shift import site_shift_params
+from fedfm.models.method import update_size_varies
 from fedfm.run_folder import seed_dir
 
 BASELINE_ORDER = ("federated_nodp", "centralized", "centralized_nodp", "local")
@@ -134,7 +135,7 @@ def tuning_block(run_dir: Path) -> dict[str, Any] | None:
 def _communication(config: ExperimentConfig, comm: dict[str, Any]) -> dict[str, Any]:
     """results.json's byte counts; runs written before uploads were counted apart get them from the
     adapter size, which every message shares unless the sites have their own ranks."""
-    if comm.get("mean_upload_bytes") is None and comm.get("update_bytes") and not config.lora.stacked:
+    if comm.get("mean_upload_bytes") is None and comm.get("update_bytes") and not update_size_varies(config.lora):
         return {**comm, "mean_upload_bytes": comm["update_bytes"]}
     return comm
 

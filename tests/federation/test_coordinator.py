@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from fedfm.config import load_config
-from fedfm.federation import Coordinator, FedAvg, Reply, StackedLora, build_coordinator
+from fedfm.federation import CombineByMethod, Coordinator, Reply, build_coordinator
 from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict, full_model_bytes
+from fedfm.models.method import SharedAdapter, StackedRanks
 from fedfm.results import RunRecorder
-from fedfm.transport import encode
 
 
 def _wire_bytes(adapter):
@@ -22,7 +22,8 @@ def setup(tmp_path_factory):
     model = build_global_model(config)
     recorder = RunRecorder(config, tmp_path_factory.mktemp("run"), model, full_model_bytes(model))
     adapter = adapter_state_dict(model)
-    coordinator = Coordinator(config, recorder, list(adapter), FedAvg())
+    method = recorder.adapter_method
+    coordinator = Coordinator(config, recorder, list(adapter), method, CombineByMethod(method))
     coordinator.outgoing(adapter)
     return coordinator, adapter
 
@@ -93,7 +94,7 @@ def _coordinator(run_dir, *items, anchors=None, run_id=""):
 
 def test_fp16_transport_halves_the_bytes_and_averages_in_fp32(tmp_path):
     coordinator, recorder, adapter = _coordinator(tmp_path, "federation.transport=fp16")
-    assert isinstance(coordinator.aggregator, FedAvg)
+    assert isinstance(coordinator.method, SharedAdapter)
     wire = coordinator.outgoing(adapter)
     assert all(t.dtype == torch.float16 for t in wire.values())
     # a site's reply as the ClientApp sends it under fp16 transport
@@ -111,7 +112,7 @@ def test_fp16_transport_halves_the_bytes_and_averages_in_fp32(tmp_path):
 
 def test_stacked_coordinator_rejects_a_wrong_rank_and_stacks_the_rest(tmp_path):
     coordinator, _, initial = _coordinator(tmp_path, "lora.site_ranks={site-0: 2, site-1: 4}")
-    assert isinstance(coordinator.aggregator, StackedLora)
+    assert isinstance(coordinator.method, StackedRanks)
 
     def update(rank, value):
         out = {}

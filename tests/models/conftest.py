@@ -70,11 +70,11 @@ BACKBONES = {"vit-tiny": 32, "efficientnet-lite0": 32, "hf-vit": 32, "hf-dinov2"
 def build(hf_dirs):
     """build(name, **lora_fields) -> (peft model, backbone) via fedfm.models.build_model (1 gray channel, 2 classes)."""
     from fedfm.config import LoraConfig, ModelConfig
-    from fedfm.models import build_model
+    from fedfm.models import ModelSpec, build_model
 
     def _build(name: str, num_classes: int = 2, **lora_fields: object):
         backbone = f"hf:{hf_dirs[name[3:]]}" if name.startswith("hf-") else name
         lora = LoraConfig(**{"r": 4, **lora_fields})
-        return build_model(ModelConfig(backbone=backbone), lora, num_classes, 1, BACKBONES[name])
+        return build_model(ModelSpec(ModelConfig(backbone=backbone), lora, num_classes, 1, BACKBONES[name]))
 
     return _build

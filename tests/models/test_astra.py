@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fedfm.config import ConfigError, LoraConfig, ModelConfig
-from fedfm.models import apply_lora, build_model, count_parameters
+from fedfm.models import ModelSpec, apply_lora, build_model, count_parameters
 from fedfm.models.astra import (
     ENCODER_PARAMETERS,
     CTEncoderClassifier,
@@ -194,7 +194,7 @@ def test_real_weights_2d_equals_3d_on_depth_1_and_load_bit_identically():
 
 @needs_weights
 def test_real_model_trains_only_the_adapter_of_layer4_and_the_head():
-    model, _ = build_model(ModelConfig(backbone="astra-ct"), LoraConfig(r=8), 2, 1, 32)
+    model, _ = build_model(ModelSpec(ModelConfig(backbone="astra-ct"), LoraConfig(r=8), 2, 1, 32))
     trainable, total = count_parameters(model)
     assert 58_000_000 < total < 58_400_000
     assert trainable < 200_000

@@ -9,7 +9,7 @@ import torch
 
 from fedfm.config import ConfigError, LoraConfig, ModelConfig, PrivacyConfig, TrainConfig, load_config
 from fedfm.data.types import Split
-from fedfm.models import adapter_state_dict, build_model
+from fedfm.models import ModelSpec, adapter_state_dict, build_model
 from fedfm.models.stages import model_stages
 from fedfm.privacy.accountant import SiteAccountant
 from fedfm.training.activation_cache import prefix_length
@@ -19,7 +19,7 @@ import pytest
 
 
 def _model(variant: str):
-    return build_model(ModelConfig(backbone="vit-tiny", pretrained=False), LoraConfig(r=2, variant=variant), 2, 1, 16)[0]
+    return build_model(ModelSpec(ModelConfig(backbone="vit-tiny", pretrained=False), LoraConfig(r=2, variant=variant), 2, 1, 16))[0]
 
 
 def test_only_the_head_trains_and_is_exchanged():

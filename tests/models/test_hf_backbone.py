@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fedfm.config import ConfigError, LoraConfig, ModelConfig
-from fedfm.models import adapter_state_dict, build_backbone, build_model
+from fedfm.models import ModelSpec, adapter_state_dict, build_backbone, build_model
 
 
 @pytest.mark.parametrize("kind", ["vit", "dinov2"])
@@ -21,7 +21,7 @@ def test_lora_targets_every_encoder_linear(kind, hf_dirs):
         if isinstance(m, nn.Linear) and ".layer" in n and not n.startswith("classifier")
     }
     assert len(encoder_linears) == 12
-    model, _ = build_model(cfg, LoraConfig(r=4), 2, 1, 32)
+    model, _ = build_model(ModelSpec(cfg, LoraConfig(r=4), 2, 1, 32))
     wrapped = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
                for k in adapter_state_dict(model) if "lora_A" in k}
     assert wrapped == encoder_linears

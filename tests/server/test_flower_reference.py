@@ -10,7 +10,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.differential_privacy import compute_clip_model_update
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 
-from fedfm.federation.aggregate import clip_update, weighted_average
+from fedfm.federation.aggregate import clip_update
+from fedfm.models.method import weighted_average
 from fedfm.privacy.client_level import ClientLevelAccountant
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from fedfm.config import LoraConfig, ModelConfig, PrivacyConfig, TrainConfig, load_config
 from fedfm.data.types import Split
-from fedfm.models import apply_lora, build_model, train_mode
+from fedfm.models import ModelSpec, apply_lora, build_model, train_mode
 from fedfm.models.astra import LORA_TARGETS_LAST_STAGE, CTEncoderClassifier
 from fedfm.models.registry import Backbone
 from fedfm.models.resnet import ResNetEncoder
@@ -46,7 +46,7 @@ def _model(name: str) -> nn.Module:
     if name.startswith("ct"):
         model = _tiny_ct(int(name[2]))
     else:
-        model, _ = build_model(ModelConfig(backbone=name, pretrained=False), LoraConfig(r=2), 2, 1, SIZE)
+        model, _ = build_model(ModelSpec(ModelConfig(backbone=name, pretrained=False), LoraConfig(r=2), 2, 1, SIZE))
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():  # B = 0 at init would leave A's gradients at zero
         for n, p in model.named_parameters():
@@ -195,7 +195,7 @@ def test_sites_train_the_same_adapter_with_and_without_the_cache(tmp_path):
     cached, plain = Site(cached_cfg, 0, tmp_path / "a"), Site(plain_cfg, 0, tmp_path / "b")
     from fedfm.models import adapter_state_dict
 
-    initial = adapter_state_dict(build_model(cached_cfg.model, cached_cfg.lora, 2, 1, 16)[0])
+    initial = adapter_state_dict(build_model(ModelSpec(cached_cfg.model, cached_cfg.lora, 2, 1, 16))[0])
     a, b = cached.train(initial, 1), plain.train(initial, 1)
     assert a.metrics["cache-bytes"] > 0 and "cache-bytes" not in b.metrics
     for k in a.adapter:
@@ -215,9 +215,9 @@ def test_hf_encoders_are_cached_whole_for_a_linear_probe(tmp_path):
     torch.manual_seed(0)
     ViTModel(config).save_pretrained(tmp_path / "vit")
     model_cfg = ModelConfig(backbone=f"hf:{tmp_path / 'vit'}")
-    adapted, _ = build_model(model_cfg, LoraConfig(r=2), 2, 1, SIZE)
+    adapted, _ = build_model(ModelSpec(model_cfg, LoraConfig(r=2), 2, 1, SIZE))
     assert prefix_length(adapted) == 0  # LoRA inside the encoder: nothing to cache
-    probe, _ = build_model(model_cfg, LoraConfig(r=2, variant="head"), 2, 1, SIZE)
+    probe, _ = build_model(ModelSpec(model_cfg, LoraConfig(r=2, variant="head"), 2, 1, SIZE))
     split = _split("vit-tiny", n=5)
     suffix, features, length = _cached(probe, split, tmp_path / "cache")
     assert length == 1 and features.images.shape == (5, 32)

@@ -15,7 +15,7 @@ from torch import nn
 
 from fedfm.config import LoraConfig, ModelConfig, PrivacyConfig, TrainConfig
 from fedfm.data.types import Split
-from fedfm.models import build_model
+from fedfm.models import ModelSpec, build_model
 from fedfm.privacy.accountant import SiteAccountant
 from fedfm.training.local import train_round
 from fedfm.training.per_sample import clip_and_accumulate, per_sample_linear_layers, unsupported_layer
@@ -65,7 +65,7 @@ def _dp_round(model: nn.Module, sampler: str, steps_seen: list[int]) -> SiteAcco
 @pytest.mark.parametrize("backbone", ["vit-tiny", "efficientnet-lite0"])
 def test_a_fused_dp_round_equals_an_opacus_hooks_round(backbone):
     """Same seed: the same Poisson batches and noise draws, so the adapters agree to float rounding."""
-    model, _ = build_model(ModelConfig(backbone=backbone, pretrained=False), LoraConfig(r=4, dropout=0.0), 2, 1, SIZE)
+    model, _ = build_model(ModelSpec(ModelConfig(backbone=backbone, pretrained=False), LoraConfig(r=4, dropout=0.0), 2, 1, SIZE))
     with torch.no_grad():  # B = 0 at init would leave A's gradient zero: give both something to learn
         for name, p in model.named_parameters():
             if "lora_B" in name:
