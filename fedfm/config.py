@@ -183,6 +183,13 @@ class FederationConfig(_Section):
     site_wait_s: float = Field(600.0, ge=0)
     transport: Literal["fp32", "fp16"] = "fp32"
     ray_address: str | None = None
+    # updates a site cannot blow up: each site's update (adapter minus the round's global one) is
+    # scaled to at most this L2 norm at the server (null: no bound); median / trimmed_mean replace the
+    # weighted average by a robust one (sample-level DP runs)
+    update_clip_norm: float | None = Field(None, gt=0)
+    aggregator: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    max_update_bytes: int | None = Field(None, ge=1)  # a larger site update is refused before it is decoded
 
 
 class TrainConfig(_Section):
@@ -251,7 +258,18 @@ class ExperimentConfig(_Section):
             raise ValueError("data.partition=natural needs site ids in the data; synthetic data has none")
         self._check_holdout_and_study()
         self._check_site_ranks()
+        self._check_aggregation()
         return self
+
+    def _check_aggregation(self) -> None:
+        fed = self.federation
+        if fed.aggregator != "fedavg" and self.lora.stacked:
+            raise ValueError(f"federation.aggregator={fed.aggregator} does not combine with lora.site_ranks "
+                             "(per-site ranks are stacked exactly): set federation.aggregator=fedavg")
+        if self.privacy.client_level and (fed.aggregator != "fedavg" or fed.update_clip_norm is not None):
+            raise ValueError("federation.aggregator / federation.update_clip_norm do not combine with "
+                             "privacy.level=client/both: client-level DP already clips each site's update "
+                             "(privacy.client.clipping_norm); set privacy.level=sample or leave them at their defaults")
 
     def _check_noise(self) -> None:
         p = self.privacy

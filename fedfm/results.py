@@ -117,6 +117,7 @@ class RunRecorder:
         train: dict[str, dict[str, float]],
         refused: dict[str, str],
         evaluation: dict[str, dict[str, float]],
+        clipped: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         for site, metrics in train.items():
             self.site_train[site] = metrics
@@ -124,6 +125,7 @@ class RunRecorder:
             "round": server_round + self.round_offset,
             "participants": sorted(train),
             "refused": refused,
+            "clipped": dict(clipped or {}),  # site -> the norm of its update, when the server bounded it
             "train": train,
             "train_loss": _weighted(train, TRAIN_LOSS),
             "max_epsilon": max((m.get(EPSILON, 0.0) for m in train.values()), default=0.0),

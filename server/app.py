@@ -61,7 +61,8 @@ def as_reply(message: Message) -> Reply:
     head = dict(content[LEDGER_HEAD]) if LEDGER_HEAD in content else None
     if len(arrays) != 1:  # an evaluate reply carries no adapter; the core rejects a train reply without one
         return Reply(node, metrics=metrics, ledger_head=head, malformed=MALFORMED if arrays else None)
-    return Reply(node, arrays[0].to_torch_state_dict(), metrics, head, nbytes=arrays[0].count_bytes(),
+    # decoded only when the core has checked its size (federation.max_update_bytes)
+    return Reply(node, None, metrics, head, nbytes=arrays[0].count_bytes(), load=arrays[0].to_torch_state_dict,
                  malformed=None if metrics is not None else MALFORMED)
 
 

@@ -22,6 +22,7 @@ from fedfm.federation.aggregate import Adapter, Aggregator, CombineByMethod
 from fedfm.federation.client_dp import ClientLevelDP
 from fedfm.federation.progress import progress_line
 from fedfm.federation.replies import Reply, Screening, adapter_problem
+from fedfm.federation.robust import RobustAggregate, bound_updates
 from fedfm.models.method import AdapterMethod
 from fedfm.privacy.anchors import AnchorLog, AnchorRejected
 from fedfm.privacy.heads import LedgerHead
@@ -104,6 +105,12 @@ class Coordinator:
         for reply in self.round.kept:  # count what crossed the network, then average in fp32
             self.recorder.record_transfer(reply.nbytes, 1, upload=True)
             reply.arrays = decode(reply.arrays)
+        bound = self.config.federation.update_clip_norm
+        if bound is not None:
+            self.round.clipped = bound_updates(self.round.kept, self.current, bound)
+            for site, norm in self.round.clipped.items():
+                log.warning("round %d: %s's update had norm %.4g; bounded to federation.update_clip_norm=%g",
+                            server_round, site, norm, bound)
         adapter = self.aggregator.aggregate(self.absolute(server_round), self.current, self.round.kept)
         if isinstance(self.aggregator, ClientLevelDP):
             self.recorder.record_client_level(self.aggregator.guarantee)
@@ -122,7 +129,7 @@ class Coordinator:
                 log.warning("round %d: %s did not train: %s", server_round, reply.label, out.refused[reply.label])
                 continue
             anchored = self.anchor(server_round, reply)
-            problem = self.reply_problem(reply) or anchored
+            problem = self.size_problem(reply) or self.reply_problem(reply) or anchored
             if problem:
                 out.refused[reply.label] = f"rejected: {problem}"
                 log.warning("round %d: reply of %s rejected: %s", server_round, reply.label, problem)
@@ -147,8 +154,18 @@ class Coordinator:
             return f"its ledger head is malformed ({err})"
         return None
 
+    def size_problem(self, reply: Reply) -> str | None:
+        """Why a reply is too large to decode (``federation.max_update_bytes``), or None."""
+        limit = self.config.federation.max_update_bytes
+        if limit is None or reply.nbytes <= limit:
+            return None
+        who = reply.site if reply.metrics else reply.label
+        return (f"{who}'s update is {reply.nbytes} bytes, above federation.max_update_bytes={limit}: "
+                "refused before decoding")
+
     def reply_problem(self, reply: Reply) -> str | None:
         """Why a train reply cannot be averaged, or None when it can."""
+        reply.decode()
         if reply.malformed or reply.arrays is None or reply.metrics is None:
             return reply.malformed or "a train reply needs one ArrayRecord and one MetricRecord"
         return adapter_problem(reply.arrays, self.adapter_keys) or self.method.update_problem(reply.site, reply.arrays)
@@ -169,7 +186,8 @@ class Coordinator:
             return None
         evaluation = {r.site: dict(r.metrics) for r in replies if not r.failed}
         evaluation = {site: evaluation[site] for site in sorted(evaluation, key=site_order)}
-        entry = self.recorder.record_round(server_round, self.round.trained, self.round.refused, evaluation)
+        entry = self.recorder.record_round(server_round, self.round.trained, self.round.refused, evaluation,
+                                           self.round.clipped)
         print(progress_line(entry, self.config.federation.rounds), flush=True)
         return entry
 
@@ -181,6 +199,8 @@ def build_aggregator(config: ExperimentConfig, method: AdapterMethod, run_dir) -
         sampled = max(int(config.data.num_sites * fed.fraction_train), fed.min_train_sites)
         return ClientLevelDP(client.noise_multiplier, client.clipping_norm, sampled, config.data.num_sites,
                              client.delta, run_dir / "ledger-federation")
+    if config.federation.aggregator != "fedavg":
+        return RobustAggregate(config.federation.aggregator, config.federation.trim_fraction)
     return CombineByMethod(method)
 
 

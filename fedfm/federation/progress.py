@@ -9,6 +9,8 @@ def progress_line(entry: dict[str, Any], rounds: int) -> str:
     parts = [f"[fedfm] round {entry['round']}/{rounds}: {len(entry['participants'])} sites trained"]
     if entry["refused"]:
         parts.append(f"{len(entry['refused'])} refused/rejected")
+    if entry.get("clipped"):
+        parts.append(f"{len(entry['clipped'])} updates bounded")
     if entry["train_loss"] is not None:
         parts.append(f"train loss {entry['train_loss']:.4f}")
     if entry["max_epsilon"]:

@@ -10,6 +10,7 @@ whatever the adaptation method asks of that site's update (per-site ranks: its r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,13 @@ class Reply:
     error_reason: str = ""
     nbytes: int = 0  # what the adapter took on the wire
     malformed: str | None = None  # the glue's finding when the content is not one adapter + one metrics record
+    load: Callable[[], dict[str, torch.Tensor]] | None = None  # decodes the adapter on demand (after the size check)
+
+    def decode(self) -> dict[str, torch.Tensor] | None:
+        """The adapter, decoded from the wire now if it was not yet."""
+        if self.arrays is None and self.load is not None:
+            self.arrays, self.load = self.load(), None
+        return self.arrays
 
     @property
     def failed(self) -> bool:
@@ -75,3 +83,4 @@ class Screening:
     kept: list[Reply] = field(default_factory=list)  # sorted by site id
     trained: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> its train metrics
     refused: dict[str, str] = field(default_factory=dict)  # node label -> why it did not count
+    clipped: dict[str, float] = field(default_factory=dict)  # site -> its update's norm, when the server bound it

@@ -74,7 +74,18 @@ def collect_run(run_dir: Path) -> dict[str, Any]:
         "recall_per_class": results.get("pooled", {}).get("recall_per_class"),
         "tuning": tuning_block(run_dir),
         "seeds": seeds_block(run_dir, config, results),
+        "screening": screening_rows(results),
     }
+
+
+def screening_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every update the server did not take as sent: refused or rejected (who, why), or bounded (its norm)."""
+    rows = []
+    for r in results.get("rounds", []):
+        rows += [{"round": r["round"], "who": who, "what": why} for who, why in r.get("refused", {}).items()]
+        rows += [{"round": r["round"], "who": site, "what": f"update norm {norm:.4g} bounded to federation.update_clip_norm"}
+                 for site, norm in r.get("clipped", {}).items()]
+    return rows
 
 
 SEED_METRICS = ("auroc", "ece", "balanced_accuracy")

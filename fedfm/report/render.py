@@ -9,7 +9,7 @@ from typing import Any
 
 from fedfm.report import figures
 from fedfm.report.tables import (
-    Table, baselines_table, calibration_table, per_class_table, key_findings, loso_table, personal_table, runs_table, shift_table,
+    Table, baselines_table, calibration_table, per_class_table, key_findings, loso_table, personal_table, runs_table, screening_table, shift_table,
     seeds_table, site_table, tuning_table,
 )
 
@@ -60,6 +60,7 @@ def run_html(run: dict[str, Any]) -> str:
     parts.append(_table_html(personal_table(run)))
     parts.append(_table_html(per_class_table(run)))
     parts.append(_table_html(calibration_table(run)))
+    parts.append(_table_html(screening_table(run)))
     parts.append(_table_html(tuning_table(run)))
     parts.append(_table_html(seeds_table(run)))
     if run["reliability"]:
@@ -116,7 +117,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     for run in report["runs"]:
         out += [f"## Run {run['name']}", "", *[f"- {s}" for s in key_findings(run)], ""]
         out += [f"- **{k.replace('_', ' ')}**: {_plain(v)}" for k, v in run["summary"].items() if v not in (None, [], "")]
-        for table in (site_table(run), personal_table(run), per_class_table(run), calibration_table(run), tuning_table(run), seeds_table(run), loso_table(run),
+        for table in (site_table(run), personal_table(run), per_class_table(run), calibration_table(run), screening_table(run), tuning_table(run), seeds_table(run), loso_table(run),
                       baselines_table(run), shift_table(run)):
             out += ["", _table_md(table)]
     return "\n".join(x for x in out if x is not None) + "\n"

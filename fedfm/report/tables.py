@@ -152,6 +152,17 @@ def personal_table(run: dict[str, Any]) -> Table | None:
                  "round; global: the aggregated adapter every site receives. Same test split for both.")
 
 
+def screening_table(run: dict[str, Any]) -> Table | None:
+    rows = run.get("screening") or []
+    if not rows:
+        return None
+    return Table("Updates refused, rejected or bounded", ["round", "site or node", "what happened"],
+                 [[str(r["round"]), r["who"], r["what"]] for r in rows],
+                 "A refusal is the site's own (its privacy budget, a rolled-back ledger); a rejection is the server's "
+                 "(malformed, non-finite, wrong rank, above federation.max_update_bytes, ledger head missing or behind). "
+                 "Neither is averaged. A bounded update is averaged at federation.update_clip_norm.")
+
+
 def key_findings(run: dict[str, Any]) -> list[str]:
     """A few sentences a clinical reader starts with."""
     out = []

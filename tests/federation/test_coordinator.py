@@ -163,3 +163,24 @@ def test_train_replies_are_anchored_and_a_missing_or_backward_head_is_rejected(t
     assert screening.kept == []  # the ledger went back from 2 entries to 1
     assert "site-0 sent a ledger head at 1 entries (epsilon 1.000000) after the coordinator anchored 2" in screening.refused["node 1"]
     assert len(anchors.heads()) == 1
+
+
+def test_an_update_above_max_update_bytes_is_refused_before_it_is_decoded(tmp_path):
+    coordinator, recorder, adapter = _coordinator(tmp_path, "federation.max_update_bytes=1000")
+    decoded = []
+
+    def load():
+        decoded.append(True)
+        return dict(adapter)
+
+    big = Reply(7, None, {"num-examples": 10, "site-id": 1, "client-weight": 1}, nbytes=_wire_bytes(adapter), load=load)
+    small_adapter = {k: v for k, v in adapter.items()}
+    small = _reply(small_adapter, 0, 10)
+    small.nbytes = 900
+    averaged = coordinator.receive_train(1, [big, small])
+    assert decoded == []  # never turned into tensors
+    assert "site-1's update is" in coordinator.round.refused["node 7"]
+    assert "above federation.max_update_bytes=1000: refused before decoding" in coordinator.round.refused["node 7"]
+    assert sorted(coordinator.round.trained) == ["site-0"] and averaged is not None
+    entry = coordinator.receive_evaluate(1, [])
+    assert "federation.max_update_bytes" in entry["refused"]["node 7"]
