@@ -10,7 +10,8 @@ def test_bad_override_is_one_line_and_exit_2(capsys):
 
 
 def test_config_command_prints_the_resolved_tree(capsys):
-    assert main(["config", "configs/pneumonia.yaml", "--set", "federation.rounds=2"]) == 0
+    # quickstart: its (synthetic) data is there on any machine; `fedfm config` opens the data it checks
+    assert main(["config", "configs/quickstart.yaml", "--set", "federation.rounds=2"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["federation"]["rounds"] == 2 and printed["model"]["backbone"] == "efficientnet-lite0"
 
