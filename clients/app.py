@@ -1,96 +1,88 @@
-"""ClientApp: one hospital site. Messages in, calls on ``fedfm.site.Site``, messages out."""
+"""ClientApp: one hospital site. Messages in, calls on the site (``fedfm.site_calls``), messages out.
+
+In deployment (``FEDFM_SITE_WORKER=1``, set by ``python -m clients.supernode``) every message is a
+fresh process, so this one forwards the call to the site's long-lived worker
+(``fedfm.deploy.worker_client``) and imports nothing heavy itself; in simulation (a long-lived
+Ray actor) it makes the call in process.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 
-import psutil
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedfm.appconfig import apply_node_config, experiment_from_run_config, ledger_dir, site_id_from_node_config
-from fedfm.eval.calibration import calibrated_metrics, calibration_from, site_statistics
-from fedfm.privacy.heads import LedgerRolledBack
-from fedfm.protocol import (
-    ARRAYS,
-    BUDGET_REFUSED,
-    CALIBRATION_STATS,
-    CONFIG,
-    HELD_OUT,
-    LEDGER_HEAD,
-    LEDGER_ROLLED_BACK,
-    METRICS,
-    PERSONAL,
-    PROCESS_AGE,
-    RETURN_PREDICTIONS,
-    SPLIT,
-    TEMPERATURE,
-    eval_metrics,
-    server_round,
-    with_personal,
-    with_predictions,
-)
-from fedfm.site import BudgetExhausted, HeldOut, Site
-from fedfm.transport import encode
+from fedfm.deploy import worker_client
+from fedfm.protocol import ARRAYS, CONFIG, LEDGER_HEAD, METRICS, PROCESS_AGE, SITE_CALL_SECONDS, SITE_WORKER_FAILED
 
 app = ClientApp()
 
-
-def site_for(context: Context) -> Site:
-    config = apply_node_config(experiment_from_run_config(context.run_config), context.node_config)
-    site_id = site_id_from_node_config(context.node_config)
-    node = context.node_config
-    key = node.get("signing-key") or None  # deployment: the SuperNode's private key
-    return Site(config, site_id, ledger_dir(context.run_config, node), signing_key=key, run_id=str(context.run_id),
-                heads_dir=node.get("heads-dir") or None)
+_SITES: dict[str, object] = {}  # in process: the last run's site, like the worker keeps it
 
 
 def process_age() -> float:
     """Seconds since this process started. In deployment Flower 1.42 starts one ClientApp process per
-    message, so at the top of a handler this is its start-up: FAB install and imports (torch, peft, opacus).
-    In simulation the process is a long-lived Ray actor and the number is its age."""
+    message, so at the top of a handler this is its start-up (FAB install, imports). In simulation
+    the process is a long-lived Ray actor and the number is its age."""
+    import psutil
+
     return time.time() - psutil.Process().create_time()
+
+
+def in_process(request: dict) -> dict:
+    from fedfm import site_calls
+
+    started = time.monotonic()
+    key = repr((request["run_config"], request["node_config"], request["run_id"]))
+    site = _SITES.get(key)
+    if site is None:
+        _SITES.clear()
+        site = _SITES[key] = site_calls.build_site(request["run_config"], request["node_config"], request["run_id"])
+    outcome = site_calls.CALLS[request["call"]](site, request["arrays"], request["config"])
+    return {"metrics": outcome.metrics, "arrays": outcome.arrays, "head": outcome.head, "error": outcome.error,
+            "seconds": time.monotonic() - started}
+
+
+def handle(call: str, msg: Message, context: Context) -> Message:
+    age = process_age()
+    request = {
+        "call": call, "run_config": dict(context.run_config), "node_config": dict(context.node_config),
+        "run_id": str(context.run_id), "config": dict(msg.content[CONFIG]),
+        "arrays": {name: array.numpy() for name, array in msg.content[ARRAYS].items()},
+    }
+    if worker_client.enabled():
+        try:
+            answer = worker_client.call(request, context.node_config, os.getppid())
+        except worker_client.WorkerFailed as failed:
+            return Message(error=Error(code=SITE_WORKER_FAILED, reason=str(failed)), reply_to=msg)
+        if "failed" in answer:
+            raise RuntimeError(f"the site worker raised:\n{answer['failed']}")
+    else:
+        answer = in_process(request)
+    if answer["error"] is not None:
+        code, reason = answer["error"]
+        return Message(error=Error(code=code, reason=reason), reply_to=msg)
+    metrics = dict(answer["metrics"])
+    if call == "train":
+        metrics[PROCESS_AGE] = age
+        metrics[SITE_CALL_SECONDS] = answer["seconds"]
+    content = RecordDict()
+    if answer["arrays"] is not None:
+        content[ARRAYS] = ArrayRecord({name: Array(np.asarray(value)) for name, value in answer["arrays"].items()})
+    content[METRICS] = MetricRecord(metrics)
+    if answer["head"] is not None:  # the coordinator anchors it (fedfm.privacy.anchors)
+        content[LEDGER_HEAD] = ConfigRecord(answer["head"])
+    return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    age = process_age()
-    site = site_for(context)
-    adapter = msg.content[ARRAYS].to_torch_state_dict()
-    try:
-        reply = site.train(adapter, server_round(msg.content[CONFIG]))
-    except BudgetExhausted as refusal:
-        return Message(error=Error(code=BUDGET_REFUSED, reason=str(refusal)), reply_to=msg)
-    except HeldOut as refusal:
-        return Message(error=Error(code=HELD_OUT, reason=str(refusal)), reply_to=msg)
-    except LedgerRolledBack as refusal:
-        return Message(error=Error(code=LEDGER_ROLLED_BACK, reason=str(refusal)), reply_to=msg)
-    sent = encode(reply.adapter, site.config.federation.transport)
-    content = RecordDict({ARRAYS: ArrayRecord(sent), METRICS: MetricRecord({**reply.metrics, PROCESS_AGE: age})})
-    if reply.head is not None:  # the coordinator anchors it (fedfm.privacy.anchors)
-        content[LEDGER_HEAD] = ConfigRecord(reply.head.to_dict())
-    return Message(content=content, reply_to=msg)
+    return handle("train", msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    site = site_for(context)
-    config = msg.content[CONFIG]
-    split = str(config.get(SPLIT, "val"))
-    reply = site.evaluate(msg.content[ARRAYS].to_torch_state_dict(), split)
-    # on test, the report shows each site's size and label distribution
-    metrics = eval_metrics(site.site_id, reply.metrics, site.sizes(), site.label_counts() if split == "test" else None)
-    if bool(config.get(CALIBRATION_STATS, False)) and len(reply.labels):
-        metrics.update(site_statistics(reply.probs, reply.labels))
-    if TEMPERATURE in config and len(reply.labels):  # the calibration the server fitted on validation
-        metrics.update(calibrated_metrics(reply.probs, reply.labels, calibration_from(config)))
-    share = bool(config.get(RETURN_PREDICTIONS, False))
-    if share:
-        with_predictions(metrics, reply.probs, reply.labels)
-    if split == "test" and site.personal.enabled:  # the site's personalized model beside the global one
-        own = site.evaluate(msg.content[ARRAYS].to_torch_state_dict(), split, personal=True)
-        with_personal(metrics, own.metrics)
-        if share:
-            with_predictions(metrics, own.probs, None, prefix=PERSONAL)
-    return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return handle("evaluate", msg, context)

@@ -10,6 +10,8 @@
 #               (the ServerApp keeps its anchor log of the sites' ledger heads in /state/anchors)
 #   (anything else is executed as a command)
 set -eu
+# the SuperExecs (ServerApp at the SuperLink, ClientApps at each site) look for tasks this often
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}
 
 CERTS_DIR=${CERTS_DIR:-/certs}
 SUPERLINK_ADDRESS=${SUPERLINK_ADDRESS:-superlink:9093}
@@ -44,7 +46,8 @@ case "$role" in
     node_config="site-id=$SITE_ID ledger-dir=\"/ledger\" signing-key=\"$site_key\""
     [ -n "${SITE_DATA_PATH:-}" ] && node_config="$node_config data-path=\"$SITE_DATA_PATH\""
     [ -n "${SITE_BUDGET_EPSILON:-}" ] && node_config="$node_config budget-epsilon=$SITE_BUDGET_EPSILON"
-    exec flower-supernode --root-certificates "$CERTS_DIR/ca.crt" --superlink "$SUPERLINK_ADDRESS" \
+    # Flower's SuperNode with its 3 s idle wait shortened (clients/supernode.py)
+    exec python -m clients.supernode --root-certificates "$CERTS_DIR/ca.crt" --superlink "$SUPERLINK_ADDRESS" \
       --auth-supernode-private-key "$site_key" --node-config "$node_config" "$@"
     ;;
   register)

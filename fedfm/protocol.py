@@ -61,6 +61,7 @@ def left_out_site(folder: str) -> str:
 BUDGET_REFUSED = 4001  # the round would take the site's epsilon above its budget
 HELD_OUT = 4002  # a held-out site (eval.holdout_sites) asked to train: it only evaluates
 LEDGER_ROLLED_BACK = 4003  # the site's ledger is behind the last head it signed
+SITE_WORKER_FAILED = 4004  # deployment: the site's long-lived worker died during the call (the next one restarts it)
 REFUSALS_FOR_THE_RUN = (BUDGET_REFUSED, LEDGER_ROLLED_BACK)  # a site refusing so cannot train again in this run
 
 # --- records of a message ---------------------------------------------------------------------
@@ -74,6 +75,7 @@ SERVER_ROUND = "server-round"  # set by Flower's strategies
 ROUND_OFFSET = "round-offset"  # rounds done before this ServerApp started (resumed runs)
 SPLIT = "split"  # val | test
 RETURN_PREDICTIONS = "return-predictions"  # send test-set probabilities (pooled metrics)
+VALIDATE = "validate"  # a train message: first evaluate the adapter it carries on validation (the last round's)
 CALIBRATION_STATS = "calibration-stats"  # send validation statistics for the temperature and threshold
 TEMPERATURE, THRESHOLD = "temperature", "threshold"  # the calibration fitted on validation (threshold -1: none)
 
@@ -82,6 +84,7 @@ SITE_ID = "site-id"
 NUM_EXAMPLES = "num-examples"  # FedAvg's weight: the site's training images
 CLIENT_WEIGHT = "client-weight"  # client-level DP averages sites with equal weights: always 1
 PROCESS_AGE = "process-age-s"
+SITE_CALL_SECONDS = "site-call-s"  # the site's whole train call (site built if new, training, encoding)
 PROBS, LABELS = "probs", "labels"
 PERSONAL = "personal-"  # prefix of a site's personalized-model metrics in its test reply
 LABEL_COUNTS = "label-counts-"  # prefix of a site's images per class and split, in its test reply
@@ -138,6 +141,20 @@ def with_predictions(metrics: dict[str, Any], probs: np.ndarray, labels: np.ndar
 def with_personal(metrics: dict[str, Any], personal: Mapping[str, Any]) -> None:
     """Add the site's personalized model's metrics to its evaluate reply."""
     metrics.update({f"{PERSONAL}{k}": float(v) for k, v in personal.items() if k != "n"})
+
+
+VALIDATION = "validation-"  # prefix of the validation metrics a train reply carries (VALIDATE)
+
+
+def with_validation(metrics: dict[str, Any], validation: Mapping[str, Any]) -> None:
+    metrics.update({VALIDATION + key: value for key, value in validation.items()})
+
+
+def split_validation(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A train reply's metrics: (its training metrics, the validation metrics it carries or None)."""
+    train = {k: v for k, v in metrics.items() if not k.startswith(VALIDATION)}
+    validation = {k[len(VALIDATION):]: v for k, v in metrics.items() if k.startswith(VALIDATION)}
+    return train, validation or None
 
 
 def reply_site(metrics: Mapping[str, Any]) -> str:

@@ -137,6 +137,24 @@ class RunRecorder:
         self.rounds.append(entry)
         return entry
 
+    def round_entry(self, server_round: int) -> dict[str, Any] | None:
+        """The recorded entry of round ``server_round`` of this process (None: not recorded)."""
+        number = server_round + self.round_offset
+        return next((entry for entry in reversed(self.rounds) if entry["round"] == number), None)
+
+    def record_round_validation(self, server_round: int, evaluation: dict[str, dict[str, float]],
+                                timed: bool = True) -> dict[str, Any] | None:
+        """The validation of round ``server_round``'s adapter, into its entry; ``timed``: the round
+        lasts until now (false when it arrives with the next round's train replies)."""
+        entry = self.round_entry(server_round)
+        if entry is None:
+            return None
+        entry["val"] = evaluation
+        entry["val_auroc"] = _weighted(evaluation, "auroc")
+        if timed:
+            entry["elapsed_s"] = round(time.time() - self.started + self.earlier_wall_time_s, 2)
+        return entry
+
     def checkpoint(self, server_round: int, adapter: dict[str, torch.Tensor]) -> None:
         folder = self.run_dir / "checkpoint"
         folder.mkdir(exist_ok=True)

@@ -6,6 +6,7 @@ messages into Flower Messages, and Flower's replies into :class:`Reply` objects.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from fedfm.protocol import ARRAYS, CONFIG, LEDGER_HEAD, METRICS
 app = ServerApp()
 
 MALFORMED = "a train reply needs one ArrayRecord and one MetricRecord"
+PULL_INTERVAL_S = 0.1  # Grid.send_and_receive waits 3 s between pulls; a round waits for its replies this long at most
 
 
 class GridLink:
@@ -48,7 +50,21 @@ class GridLink:
             )
             for m in messages
         ]
-        return [as_reply(reply) for reply in self.grid.send_and_receive(out, timeout=timeout)] if out else []
+        return [as_reply(reply) for reply in self.send_and_receive(out, timeout)] if out else []
+
+    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+        """Push ``messages``, then pull their replies every PULL_INTERVAL_S until all are in or ``timeout``."""
+        waiting = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            pulled = list(self.grid.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting -= {m.metadata.reply_to_message_id for m in pulled}
+            if not waiting or time.monotonic() >= deadline:
+                break
+            time.sleep(PULL_INTERVAL_S)
+        return replies
 
 
 def as_reply(message: Message) -> Reply:

@@ -13,7 +13,7 @@ LAYERS = [
     ["models", "eval"],
     ["privacy"],
     ["training"],
-    ["site", "personal", "global_model", "results"],
+    ["site", "personal", "global_model", "results", "site_calls"],
     ["federation", "baselines", "run_folder"],
     ["audit"],
     ["report"],

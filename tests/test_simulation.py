@@ -61,8 +61,9 @@ def test_two_sites_two_rounds_synthetic_end_to_end(tmp_path):
     assert worst["auroc"] == min(s["test"]["auroc"] for s in results["sites"].values())
     comm = results["communication"]
     assert 0 < comm["update_bytes"] < comm["full_model_bytes"]
-    # 2 rounds x 2 sites x (train down + up + validation down) + final validation down + final test down
-    assert comm["total_bytes_moved"] == comm["update_bytes"] * (2 * 2 * 3 + 2 + 2)
+    # 2 rounds x 2 sites x (train down + up); round 1's validation rides with round 2's train message,
+    # round 2's is an evaluate message (down); then the final validation and the test (down)
+    assert comm["total_bytes_moved"] == comm["update_bytes"] * (2 * 2 * 2 + 2 + 2 + 2)
     # calibration fitted on validation, applied to test: same ranking, its own decisions
     assert results["calibration"]["temperature"] > 0 and 0 < results["calibration"]["threshold"] < 1
     assert results["pooled_calibrated"]["auroc"] == pytest.approx(results["pooled"]["auroc"], abs=1e-9)

@@ -62,9 +62,9 @@ def run_bench(out: Path, quick: bool = False, parts: tuple[str, ...] = PARTS) ->
                   f"peak {report['scale'][-1]['peak_rss_gib']:.2f} GiB", flush=True)
             save()
     if "deploy" in parts:
-        from fedfm.bench.deploy_latency import deployment_round
+        from fedfm.bench.deploy_latency import deployment_rounds
 
-        report["deploy"] = deployment_round(3)
+        report["deploy"] = deployment_rounds(3)
         save()
     if "foundation" in parts:
         from fedfm.bench import foundation
@@ -104,11 +104,9 @@ def tables(report: dict[str, Any]) -> str:
     if "foundation" in report:
         out += foundation_tables(report["foundation"])
     if "deploy" in report:
-        d = report["deploy"]
-        out += ["", "| sites | start-up s | round s | compute s | ClientApp process start-up s | rest of the round s |",
-                "|---|---|---|---|---|---|", f"| {d['sites']} | {d['startup_s']:.1f} | {d['round_s']:.1f} | "
-                f"{d['compute_s']:.1f} | {d.get('clientapp_startup_s', float('nan')):.1f} | "
-                f"{d['other_s'] - d.get('clientapp_startup_s', 0.0):.1f} |"]
+        from fedfm.bench.deploy_latency import deploy_table
+
+        out += deploy_table(report["deploy"])
     return "\n".join(out)
 
 

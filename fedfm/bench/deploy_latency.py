@@ -1,12 +1,18 @@
-"""One round on the deployment runtime (3 local SuperNodes, TLS + authentication), taken apart.
+"""Rounds on the deployment runtime (3 local SuperNodes, TLS + authentication), taken apart.
 
-- ``startup_s``: SuperLink up, 3 keys registered, 3 SuperNodes online;
-- ``round_s``: the ServerApp's time to the end of round 1 (training and validation);
-- ``compute_s``: the slowest site's local training time in that round (sites train in parallel);
-- ``clientapp_startup_s``: the slowest site's ClientApp process start-up before its train handler ran
-  (Flower 1.42 starts a fresh process per message: FAB install, imports of torch, peft and opacus);
-- ``other_s``: round minus compute: that start-up, model building, message transfer over TLS,
-  the validation messages (another process per site) and Flower's scheduling.
+Per round (from results.json, what the sites reported with their train replies):
+
+- ``round_s``: the ServerApp's time for the round (training, validation, aggregation, checkpoint);
+- ``compute_s``: the slowest site's local training (sites train in parallel);
+- ``site_call_s``: the slowest site's whole train call in its site process: building the site
+  (data, model) when it is new, the training, encoding the update;
+- ``process_start_s``: the slowest site's ClientApp process age when its train handler ran (Flower
+  1.42 starts a process per message; FAB install and imports);
+- ``rest_s``: round minus site call minus process start: waits (SuperLink, SuperNode, SuperExec
+  polling), transfer over TLS, the validation message, aggregation and the checkpoint.
+
+Then ``idle_cpu_pct``: the CPU time every process of the federation (SuperLink, SuperNodes,
+SuperExecs, site workers) uses while no run is active, in percent of one core over ``IDLE_S``.
 """
 
 from __future__ import annotations
@@ -17,14 +23,55 @@ import time
 from pathlib import Path
 from typing import Any
 
+IDLE_S = 20.0
 
-def deployment_round(sites: int = 3, image_size: int = 16) -> dict[str, Any]:
+
+def federation_processes(groups: set[int]) -> list:
+    """Every live process in the process groups ``groups`` (LocalDeployment starts each SuperLink
+    and SuperNode in its own group; their SuperExecs, ClientApps and site workers stay in it)."""
+    import os
+
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) in groups:
+                procs.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return procs
+
+
+def is_site_worker(proc) -> bool:
+    import psutil
+
+    try:
+        return "fedfm.deploy.site_worker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
+def cpu_seconds(procs: list) -> float:
+    import psutil
+
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def deployment_rounds(sites: int = 3, rounds: int = 4, image_size: int = 16) -> dict[str, Any]:
     from fedfm.config import load_config
     from fedfm.deploy.init import init_deployment
     from fedfm.deploy.local import LocalDeployment, site_node_config
     from fedfm.simulate import prepare_run_dir, write_run_config
 
-    config = load_config(None, [f"data.num_sites={sites}", "federation.rounds=1", "data.samples_per_site=120",
+    config = load_config(None, [f"data.num_sites={sites}", f"federation.rounds={rounds}", "data.samples_per_site=120",
                                 f"data.image_size={image_size}", "train.batch_size=16", "eval.report=false"])
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = prepare_run_dir(config, str(Path(tmp) / "run"))
@@ -40,13 +87,39 @@ def deployment_round(sites: int = 3, image_size: int = 16) -> dict[str, Any]:
             run_started = time.time()
             code = local.run_app(write_run_config(config, run_dir), run_dir / "flwr.log")
             total = time.time() - run_started
+            time.sleep(2.0)  # the last replies' bookkeeping settles
+            procs = federation_processes({p.pid for p in local.procs.values()})
+            before = cpu_seconds(procs)
+            time.sleep(IDLE_S)
+            idle_cpu = 100.0 * (cpu_seconds(procs) - before) / IDLE_S
+            workers = sum(is_site_worker(p) for p in procs)
         results = json.loads((run_dir / "results.json").read_text())
     if code != 0 or results["status"] != "complete":
         raise RuntimeError(f"deployment benchmark run failed (exit {code}, status {results['status']})")
-    first = results["rounds"][0]
-    compute = max(m["train-seconds"] for m in first["train"].values())
-    clientapp_startup = max(m["process-age-s"] for m in first["train"].values())
-    return {"sites": sites, "startup_s": startup, "round_s": first["elapsed_s"], "compute_s": compute,
-            "clientapp_startup_s": clientapp_startup,
-            "other_s": first["elapsed_s"] - compute, "run_total_s": total,
+    rows, previous = [], 0.0
+    for entry in results["rounds"]:
+        train = entry["train"].values()
+        round_s = entry["elapsed_s"] - previous
+        previous = entry["elapsed_s"]
+        compute = max(m["train-seconds"] for m in train)
+        call = max(m.get("site-call-s", m["train-seconds"]) for m in train)
+        start = max(m["process-age-s"] for m in train)
+        rows.append({"round": entry["round"], "round_s": round_s, "compute_s": compute, "site_call_s": call,
+                     "process_start_s": start, "rest_s": round_s - call - start, "minus_compute_s": round_s - compute})
+    later = rows[1:] or rows
+    return {"sites": sites, "startup_s": startup, "run_total_s": total, "rounds": rows,
+            "later_minus_compute_s": sum(r["minus_compute_s"] for r in later) / len(later),
+            "idle_cpu_pct": idle_cpu, "site_workers": workers,
             "update_bytes": results["communication"]["update_bytes"]}
+
+
+def deploy_table(d: dict[str, Any]) -> list[str]:
+    out = ["", f"{d['sites']} sites, start-up {d['startup_s']:.1f} s (SuperLink, keys registered, SuperNodes online), "
+           f"run {d['run_total_s']:.1f} s; {d['site_workers']} site workers; idle federation CPU "
+           f"{d['idle_cpu_pct']:.1f} % of one core; rounds after the first: round minus compute "
+           f"{d['later_minus_compute_s']:.2f} s on average", "",
+           "| round | round s | compute s | site call s | ClientApp process start s | rest (waits, transfer, validation) s | "
+           "round minus compute s |", "|---|---|---|---|---|---|---|"]
+    out += [f"| {r['round']} | {r['round_s']:.2f} | {r['compute_s']:.2f} | {r['site_call_s']:.2f} | "
+            f"{r['process_start_s']:.2f} | {r['rest_s']:.2f} | {r['minus_compute_s']:.2f} |" for r in d["rounds"]]
+    return out

@@ -26,6 +26,9 @@ from fedfm.protocol import site_name
 from fedfm.run_log import stream_run
 
 
+SUPEREXEC_POLL_S = "0.1"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -62,6 +65,8 @@ class LocalDeployment:
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            # the SuperExecs (ServerApp at the SuperLink, ClientApps at each site) look for tasks this often
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_S,
         })
         self.procs: dict[str, subprocess.Popen] = {}
         self.node_ids: dict[int, int] = {}
@@ -110,7 +115,7 @@ class LocalDeployment:
         """Site ``site``'s SuperNode, authenticating with its private key (or ``key``)."""
         items = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items())
         return self._start(site_name(site), [
-            _exe("flower-supernode"), "--root-certificates", str(self.dep.ca),
+            sys.executable, "-m", "clients.supernode", "--root-certificates", str(self.dep.ca),
             "--superlink", f"127.0.0.1:{self.port}",
             "--auth-supernode-private-key", str(key or self.dep.private_key(site)),
             "--node-config", items, "--port", str(free_port()),

@@ -1,8 +1,9 @@
 """The server's side of a round, without a transport: which sites to ask, which replies count,
 the aggregate, and what the run records.
 
-A round is ``train_nodes`` -> (the glue sends the adapter, collects :class:`Reply` objects) ->
-``receive_train`` -> ``evaluate_nodes`` -> ``receive_evaluate``. Refusals and held-out sites
+A round is ``train_nodes`` -> ``train_messages`` (the glue sends them, collects :class:`Reply`
+objects) -> ``split_replies`` -> ``receive_train`` (records the round) -> ``evaluate_nodes`` ->
+``receive_evaluate`` (adds the round's validation, now or with the next round's train replies). Refusals and held-out sites
 follow the protocol in ``fedfm.protocol``: a held-out site is never asked to train again; a site
 out of budget (or with a rolled-back ledger) is not asked again, and when every site is, training
 stops cleanly. Under DP-SGD every train reply's signed ledger head goes into the coordinator's
@@ -20,13 +21,14 @@ from typing import Any
 from fedfm.config import ExperimentConfig
 from fedfm.federation.aggregate import Adapter, Aggregator, CombineByMethod
 from fedfm.federation.client_dp import ClientLevelDP
+from fedfm.federation.link import EVALUATE, TRAIN, Outgoing
 from fedfm.federation.progress import progress_line
 from fedfm.federation.replies import Reply, Screening, adapter_problem
 from fedfm.federation.robust import RobustAggregate, bound_updates
 from fedfm.models.method import AdapterMethod
 from fedfm.privacy.anchors import AnchorLog, AnchorRejected
 from fedfm.privacy.heads import LedgerHead
-from fedfm.protocol import ROUND_OFFSET, SERVER_ROUND, SITE_ID, SPLIT, site_order
+from fedfm.protocol import ROUND_OFFSET, SERVER_ROUND, SITE_ID, SPLIT, VALIDATE, site_order, split_validation
 from fedfm.results import RunRecorder
 from fedfm.transport import decode, encode
 
@@ -63,10 +65,15 @@ class Coordinator:
         self.round = Screening()
         self.out_of_budget: set[int] = set()  # nodes that refused a round for the whole run
         self.held_out: set[int] = set()  # nodes of held-out sites: never asked to train again
+        self.training: set[int] = set()  # the nodes sent a train message in the current exchange
 
     # --- numbering: Flower-style rounds 1..n of this process, plus the rounds before a resume ---
     def absolute(self, server_round: int) -> int:
         return server_round + self.recorder.round_offset
+
+    def is_last(self, server_round: int) -> bool:
+        """Round ``server_round`` of this process is the run's last planned round."""
+        return self.absolute(server_round) >= self.config.federation.rounds
 
     def message_config(self, server_round: int, split: str | None = None) -> dict[str, Any]:
         config: dict[str, Any] = {ROUND_OFFSET: self.recorder.round_offset, SERVER_ROUND: server_round}
@@ -92,6 +99,41 @@ class Coordinator:
         self.current = adapter
         return encode(adapter, self.config.federation.transport)
 
+    def train_messages(self, server_round: int, nodes: list[int], wire: Adapter,
+                       validate: list[int] | None = None) -> list[Outgoing]:
+        """The round's train messages; with ``validate``, those nodes also evaluate ``wire`` (the
+        previous round's adapter) on their validation split: in their train message when they
+        train, else in an evaluate message."""
+        config = self.message_config(server_round)
+        wanted = set(validate or [])
+        self.training = set(nodes)
+        out = [Outgoing(n, TRAIN, wire, {**config, VALIDATE: True} if n in wanted else config) for n in nodes]
+        evaluate = self.message_config(server_round - 1, split="val")
+        return out + [Outgoing(n, EVALUATE, wire, evaluate) for n in validate or [] if n not in self.training]
+
+    def split_replies(self, replies: Iterable[Reply]) -> tuple[list[Reply], list[Reply]]:
+        """(train replies, validation replies) of an exchange of ``train_messages``: a train reply's
+        validation metrics come out of it as a validation reply of their own."""
+        train, validation = [], []
+        for reply in replies:
+            if reply.node not in self.training:
+                validation.append(reply)
+                continue
+            if reply.metrics is not None:
+                reply.metrics, carried = split_validation(reply.metrics)
+                if carried is not None:
+                    validation.append(Reply(reply.node, metrics=carried))
+            train.append(reply)
+        return train, validation
+
+    def pending_validation(self, link) -> list[int] | None:
+        """A resumed run whose last round's validation was to travel with the next train messages:
+        the nodes to validate it (None: nothing pending)."""
+        fed, last = self.config.federation, self.recorder.round_entry(0)
+        if not (fed.validate_with_next_train and self.config.eval.every_round and last is not None and not last["val"]):
+            return None
+        return self.evaluate_nodes(0, list(link.nodes())) or None
+
     def sent(self, nbytes: int, messages: int) -> None:
         """Count ``messages`` adapters of ``nbytes`` each sent to sites."""
         self.recorder.record_transfer(nbytes, messages)
@@ -114,6 +156,7 @@ class Coordinator:
         adapter = self.aggregator.aggregate(self.absolute(server_round), self.current, self.round.kept)
         if isinstance(self.aggregator, ClientLevelDP):
             self.recorder.record_client_level(self.aggregator.guarantee)
+        self.recorder.record_round(server_round, self.round.trained, self.round.refused, {}, self.round.clipped)
         return adapter
 
     def screen(self, server_round: int, replies: Iterable[Reply]) -> Screening:
@@ -179,16 +222,14 @@ class Coordinator:
         fraction = fed.fraction_evaluate if self.config.eval.every_round else 0.0
         return sample_nodes(connected, fraction, 1, fed.min_train_sites, self.rng)
 
-    def receive_evaluate(self, server_round: int, replies: Iterable[Reply]) -> dict[str, Any] | None:
-        """Record the round (training and validation) and print its progress line."""
-        replies = list(replies)
-        if self.recorder.stopped is not None and not self.round.trained:
-            return None
-        evaluation = {r.site: dict(r.metrics) for r in replies if not r.failed}
+    def receive_evaluate(self, server_round: int, replies: Iterable[Reply], timed: bool = True) -> dict[str, Any] | None:
+        """Add the validation of round ``server_round``'s adapter to its record and print the
+        round's progress line (None: the round trained nothing, so it has no record)."""
+        evaluation = {r.site: dict(r.metrics) for r in replies if not r.failed and r.metrics is not None}
         evaluation = {site: evaluation[site] for site in sorted(evaluation, key=site_order)}
-        entry = self.recorder.record_round(server_round, self.round.trained, self.round.refused, evaluation,
-                                           self.round.clipped)
-        print(progress_line(entry, self.config.federation.rounds), flush=True)
+        entry = self.recorder.record_round_validation(server_round, evaluation, timed)
+        if entry is not None:
+            print(progress_line(entry, self.config.federation.rounds), flush=True)
         return entry
 
 

@@ -81,30 +81,50 @@ def serve(link: Link, config: ExperimentConfig, request: RunRequest) -> dict[str
 
 def run_rounds(link: Link, coordinator: Coordinator, initial: Adapter, num_rounds: int, timeout: float,
                after_round: Callable[[int, Adapter], None]) -> Adapter:
-    """``num_rounds`` rounds of train + validation; the global adapter at the end."""
+    """``num_rounds`` rounds of train + validation; the global adapter at the end.
+
+    With ``federation.validate_with_next_train`` a round's validation (of its aggregate) is asked
+    for in the next round's train messages, which carry that same adapter: one message per site
+    per round. Sites not training next round, and the run's last round, get an evaluate message;
+    a run paused after round k validates round k with the train messages of its resumption.
+    """
     adapter = initial
     after_round(0, adapter)
+    pending = coordinator.pending_validation(link)  # a resumed run: its last round's validation
     for server_round in range(1, num_rounds + 1):
         nodes = planned(lambda connected: coordinator.train_nodes(server_round, connected), link)
-        replies = []
-        if nodes:
+        ahead = pending if coordinator.config.federation.validate_with_next_train else None
+        messages: list[Outgoing] = []
+        if nodes or ahead:
             wire = coordinator.outgoing(adapter)
-            coordinator.sent(link.wire_bytes(wire), len(nodes))
-            config = coordinator.message_config(server_round)
-            replies = link.exchange([Outgoing(n, TRAIN, wire, config) for n in nodes], timeout)
-        aggregated = coordinator.receive_train(server_round, replies)
+            messages = coordinator.train_messages(server_round, nodes, wire, ahead)
+            coordinator.sent(link.wire_bytes(wire), len(messages))
+        train, validation = coordinator.split_replies(link.exchange(messages, timeout) if messages else [])
+        if ahead is not None:
+            coordinator.receive_evaluate(server_round - 1, validation, timed=False)
+        aggregated = coordinator.receive_train(server_round, train)
         if aggregated is not None:
             adapter = aggregated
-        nodes = planned(lambda connected: coordinator.evaluate_nodes(server_round, connected), link)
-        replies = []
-        if nodes:
-            wire = encode(adapter, coordinator.config.federation.transport)
-            coordinator.sent(link.wire_bytes(wire), len(nodes))
-            config = coordinator.message_config(server_round, split="val")
-            replies = link.exchange([Outgoing(n, EVALUATE, wire, config) for n in nodes], timeout)
-        coordinator.receive_evaluate(server_round, replies)
-        after_round(server_round, adapter)
+        pending = planned(lambda connected: coordinator.evaluate_nodes(server_round, connected), link)
+        if not coordinator.config.federation.validate_with_next_train or coordinator.is_last(server_round):
+            validate_round(link, coordinator, server_round, adapter, pending, timeout)
+            pending = []
+        after_round(server_round, adapter)  # a paused run's resumption sends what is still pending
+    if pending and coordinator.is_last(num_rounds):  # resumed after its last round, its validation to come
+        validate_round(link, coordinator, num_rounds, adapter, pending, timeout)
     return adapter
+
+
+def validate_round(link: Link, coordinator: Coordinator, server_round: int, adapter: Adapter, nodes: list[int],
+                   timeout: float) -> None:
+    """Round ``server_round``'s adapter on the validation split of ``nodes``, in evaluate messages."""
+    replies = []
+    if nodes:
+        wire = encode(adapter, coordinator.config.federation.transport)
+        coordinator.sent(link.wire_bytes(wire), len(nodes))
+        config = coordinator.message_config(server_round, split="val")
+        replies = link.exchange([Outgoing(n, EVALUATE, wire, config) for n in nodes], timeout)
+    coordinator.receive_evaluate(server_round, replies)
 
 
 def planned(plan: Callable[[list[int]], list[int] | None], link: Link) -> list[int]:

@@ -15,7 +15,7 @@ from fedfm.federation.aggregate import clip_update, update_norm
 from fedfm.federation.workflow import run_rounds
 from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict, full_model_bytes
-from fedfm.protocol import BUDGET_REFUSED, HELD_OUT, SPLIT, server_round
+from fedfm.protocol import BUDGET_REFUSED, HELD_OUT, SPLIT, VALIDATE, server_round, with_validation
 from fedfm.results import RunRecorder
 
 
@@ -42,12 +42,18 @@ class MemoryLink:
 
 
 def trains(site_id, n, shift=1.0):
+    def validation(adapter):  # depends on the adapter evaluated, like a real site's metrics
+        first = next(iter(adapter.values())).float().mean().item()
+        return {"site-id": site_id, "num-examples": n, "auroc": 0.5 + 0.1 * site_id, "level": first}
+
     def reply(message):
         if message.kind == "evaluate":
-            return Reply(message.node, metrics={"site-id": site_id, "num-examples": n, "auroc": 0.5 + 0.1 * site_id})
+            return Reply(message.node, metrics=validation(message.adapter))
         adapter = {k: v.float() + shift for k, v in message.adapter.items()}
         metrics = {"site-id": site_id, "num-examples": n, "client-weight": 1, "train-loss": 0.25,
                    "epsilon": float(server_round(message.config))}
+        if message.config.get(VALIDATE):
+            with_validation(metrics, validation(message.adapter))
         return Reply(message.node, adapter, metrics, nbytes=_bytes(adapter))
     return reply
 
@@ -70,7 +76,8 @@ def _run(tmp_path, *items):
 
 
 def test_rounds_average_record_and_count_bytes(tmp_path):
-    config, recorder, adapter, coordinator = _run(tmp_path, "federation.rounds=2")
+    config, recorder, adapter, coordinator = _run(tmp_path, "federation.rounds=2",
+                                                  "federation.validate_with_next_train=false")
     link = MemoryLink({10: trains(0, 30, 1.0), 11: trains(1, 10, 3.0), 12: trains(2, 40, 0.0)})
     checkpoints = []
     final = run_rounds(link, coordinator, adapter, 2, 60, lambda r, a: checkpoints.append(r))
@@ -82,6 +89,42 @@ def test_rounds_average_record_and_count_bytes(tmp_path):
     assert list(recorder.rounds[0]["val"]) == ["site-0", "site-1", "site-2"]
     assert recorder.bytes_moved == 2 * (3 + 3 + 3) * _bytes(adapter)  # down for train and validation, up for train
     assert recorder.uploads == 6
+
+
+def _without_times(rounds):
+    return [{k: v for k, v in entry.items() if k != "elapsed_s"} for entry in rounds]
+
+
+def test_validation_with_the_next_train_message_records_the_same_rounds_with_fewer_messages(tmp_path):
+    behaviour = {10: trains(0, 30, 1.0), 11: trains(1, 10, 3.0), 12: trains(2, 40, 0.0)}
+    runs = {}
+    for mode in ("false", "true"):
+        config, recorder, adapter, coordinator = _run(tmp_path / mode, "federation.rounds=3",
+                                                      f"federation.validate_with_next_train={mode}")
+        link = MemoryLink(behaviour)
+        run_rounds(link, coordinator, adapter, 3, 60, lambda r, a: None)
+        runs[mode] = (recorder, link)
+    (two, two_link), (one, one_link) = runs["false"], runs["true"]
+    assert _without_times(one.rounds) == _without_times(two.rounds)  # every round's validation, same values
+    assert all(entry["val"] and not any(k.startswith("validation-") for m in entry["train"].values() for k in m)
+               for entry in one.rounds)
+    kinds = lambda link: [(server_round(m.config), m.kind, bool(m.config.get(VALIDATE))) for m in link.sent]
+    assert kinds(two_link).count((1, "evaluate", False)) == 3 and len(two_link.sent) == 18
+    # rounds 2 and 3 carry the validation of rounds 1 and 2; only the last round sends evaluate messages
+    assert kinds(one_link) == [(1, "train", False)] * 3 + [(2, "train", True)] * 3 + [(3, "train", True)] * 3 \
+        + [(3, "evaluate", False)] * 3
+    assert one.bytes_moved < two.bytes_moved
+
+
+def test_a_site_that_does_not_train_next_round_still_validates_this_rounds_adapter(tmp_path):
+    config, recorder, adapter, coordinator = _run(tmp_path, "federation.rounds=2", "federation.fraction_train=0.5",
+                                                  "federation.min_train_sites=1")
+    link = MemoryLink({10: trains(0, 30, 1.0), 11: trains(1, 10, 3.0), 12: trains(2, 40, 0.0)})
+    run_rounds(link, coordinator, adapter, 2, 60, lambda r, a: None)
+    assert [sorted(entry["val"]) for entry in recorder.rounds] == [["site-0", "site-1", "site-2"]] * 2
+    round_two = [m for m in link.sent if server_round(m.config) == 1 and m.kind == "evaluate"] + \
+        [m for m in link.sent if server_round(m.config) == 2 and m.kind == "train"]
+    assert sorted(m.node for m in round_two) == [10, 11, 12]  # one message each: train (+ validate) or evaluate
 
 
 def test_a_site_out_of_budget_is_not_asked_again_and_training_stops_when_all_are(tmp_path):

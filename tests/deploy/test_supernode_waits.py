@@ -1,0 +1,43 @@
+"""``python -m clients.supernode``: Flower's SuperNode, its hard-coded waits capped (Flower 1.42.0 only)."""
+
+import time
+
+import flwr
+import pytest
+
+from clients import supernode
+
+
+def test_capped_sleep_waits_at_most_the_cap_and_keeps_the_rest_of_time():
+    shim = supernode.capped_time(0.05)
+    started = time.monotonic()
+    shim.sleep(3)
+    assert time.monotonic() - started < 0.5
+    assert shim.time is time.time and shim.monotonic is time.monotonic
+
+
+def test_the_supernode_loop_sleeps_briefly_and_its_superexec_polls_often(monkeypatch):
+    from flwr.supernode import start_client_internal
+
+    monkeypatch.delenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", raising=False)
+    monkeypatch.delenv("FEDFM_SITE_WORKER", raising=False)
+    monkeypatch.setattr(start_client_internal, "time", time)  # restored after the test
+    assert supernode.shorten_waits(0.05) == (flwr.__version__ == supernode.PATCHED_FLWR)
+    import os
+
+    assert os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == supernode.SUPEREXEC_POLL_S
+    assert os.environ["FEDFM_SITE_WORKER"] == "1"
+    if flwr.__version__ == supernode.PATCHED_FLWR:
+        started = time.monotonic()
+        start_client_internal.time.sleep(3)  # the idle wait between pulls
+        assert time.monotonic() - started < 0.5
+
+
+def test_another_flower_release_keeps_its_own_waits(monkeypatch):
+    from flwr.supernode import start_client_internal
+
+    monkeypatch.setattr(flwr, "__version__", "1.43.0")
+    monkeypatch.setattr(start_client_internal, "time", time)
+    with pytest.warns(UserWarning, match="keeps Flower's own waits"):
+        assert supernode.shorten_waits() is False
+    assert start_client_internal.time is time
