@@ -1,6 +1,7 @@
 """A coordinator killed at any moment of a checkpoint write leaves a checkpoint to resume that
-matches itself: its round, its adapter, its history and its byte counts (found by the fault soak,
-fedfm chaos: the adapter used to be replaced before state.json, and state.json before results.json)."""
+matches itself: its round, its adapter, its history and its byte counts (found with the fault
+soak's checkpoint fault, fedfm chaos: the adapter used to be replaced before state.json, and
+state.json before results.json)."""
 
 import json
 
