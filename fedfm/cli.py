@@ -1,4 +1,4 @@
-"""The ``fedfm`` command line: ``simulate``, ``tune``, ``report``, ``audit``, ``export``, ``predict``, ``deploy``, ``bench``, ``config``."""
+"""The ``fedfm`` command line: ``simulate``, ``tune``, ``report``, ``audit``, ``export``, ``predict``, ``deploy``, ``bench``, ``chaos``, ``config``."""
 
 from __future__ import annotations
 
@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer steps and sites (minutes, not an hour)")
     bench.add_argument("--out", default="runs/bench", help="where to write bench.json (default: runs/bench)")
     bench.add_argument("--only", default=None, metavar="PARTS", help="comma-separated subset of steps,comm,scale,deploy,foundation")
+    chaos = sub.add_parser("chaos", help="fault soak: local deployments with a random fault each, resumed, then checked")
+    chaos.add_argument("--seed", type=int, default=0, help="seed of the first run; run k uses seed + k (default 0)")
+    chaos.add_argument("--runs", type=int, default=8, help="faulted runs (default 8: one of each fault kind)")
+    chaos.add_argument("--rounds", type=int, default=2, help="rounds per run (default 2)")
+    chaos.add_argument("--sites", type=int, default=2, help="sites per run (default 2)")
+    chaos.add_argument("--no-reference", action="store_true", help="skip the unbroken run (and check d)")
+    chaos.add_argument("--out", default="runs/chaos", help="where the runs and soak.json go (default: runs/chaos)")
     check = sub.add_parser("config", help="validate a config, check it against its data and print it resolved")
     check.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -236,6 +243,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from fedfm.chaos.soak import soak, table
+
+    if args.runs < 1:
+        raise ConfigError(f"--runs {args.runs}: a soak needs at least one run")
+    report = soak(Path(args.out), args.seed, args.runs, args.rounds, args.sites, reference=not args.no_reference)
+    print(table(report))
+    print(f"wrote {Path(args.out) / 'soak.json'}")
+    return 0 if report["summary"]["lost"] == 0 and report.get("summary", {}).get("runs") == args.runs else 1
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from fedfm.export import export_run
     from fedfm.models.spec import MERGED_SPEC, MERGED_WEIGHTS
@@ -307,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"export": cmd_export, "predict": cmd_predict,
                 "simulate": cmd_simulate, "tune": cmd_tune, "audit": cmd_audit, "report": cmd_report, "config": cmd_config,
-                "deploy": cmd_deploy, "bench": cmd_bench}
+                "deploy": cmd_deploy, "bench": cmd_bench, "chaos": cmd_chaos}
     try:
         return handlers[args.command](args)
     except ConfigError as err:  # also a report's ReportError

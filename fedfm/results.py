@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,24 +73,28 @@ class RunRecorder:
     def resume(self) -> tuple[int, dict[str, torch.Tensor]]:
         """Continue a run from its checkpoint: (last completed round, global adapter).
 
-        The per-round history and byte counts come back from results.json, so the resumed run
-        writes the same results an uninterrupted one would.
+        ``checkpoint/state.json`` is the checkpoint's commit record: it names the adapter file of
+        its round and holds the byte counts and the client-level guarantee at that round, and the
+        per-round history comes from results.json (which may be a round ahead of it after a crash
+        between the two writes). A resumed run writes the same results an uninterrupted one would.
         """
         state_path = self.run_dir / "checkpoint" / "state.json"
         if not state_path.exists():
             raise FileNotFoundError(f"{self.run_dir} has no checkpoint to resume from (checkpoint/state.json)")
-        done = int(json.loads(state_path.read_text())["round"])
+        state = json.loads(state_path.read_text())
+        done = int(state["round"])
         previous = json.loads((self.run_dir / "results.json").read_text())
         self.rounds = [r for r in previous["rounds"] if r["round"] <= done]
         for entry in self.rounds:
             self.site_train.update(entry["train"])
-        communication = previous["communication"]
-        self.update_bytes, self.bytes_moved = communication["update_bytes"], communication["total_bytes_moved"]
-        self.upload_bytes, self.uploads = communication.get("upload_bytes", 0), communication.get("uploads", 0)
-        self.client_level = previous.get("client_level")
-        self.earlier_wall_time_s = float(previous.get("wall_time_s", 0.0))
+        kept = state.get("recorder") or {**previous["communication"], "client_level": previous.get("client_level"),
+                                         "wall_time_s": previous.get("wall_time_s", 0.0)}  # checkpoints of older versions
+        self.update_bytes, self.bytes_moved = kept["update_bytes"], kept["total_bytes_moved"]
+        self.upload_bytes, self.uploads = kept.get("upload_bytes", 0), kept.get("uploads", 0)
+        self.client_level = kept.get("client_level")
+        self.earlier_wall_time_s = float(kept.get("wall_time_s", 0.0))
         self.round_offset = done
-        return done, load_file(str(self.run_dir / "checkpoint" / "adapter.safetensors"))
+        return done, load_file(str(self.run_dir / "checkpoint" / state.get("adapter", "adapter.safetensors")))
 
     def stop(self, reason: str) -> bool:
         """Record why training ends before the planned rounds; False when it had already stopped."""
@@ -156,13 +161,34 @@ class RunRecorder:
         return entry
 
     def checkpoint(self, server_round: int, adapter: dict[str, torch.Tensor]) -> None:
+        """Write round ``server_round``'s checkpoint so that a crash at any moment leaves one to resume.
+
+        The adapter goes to a file of its own round, then results.json, and last ``state.json``,
+        the commit record naming that adapter (and holding the counters a resume needs); only then
+        is ``adapter.safetensors`` (what readers of a run folder load) pointed at it and the previous
+        round's adapter removed. Until state.json is replaced, the previous
+        checkpoint is whole: its adapter and state.json are untouched, and results.json's extra
+        round is ignored by :meth:`resume`."""
         folder = self.run_dir / "checkpoint"
         folder.mkdir(exist_ok=True)
-        tmp = folder / "adapter.safetensors.tmp"
+        done = server_round + self.round_offset
+        name = f"adapter-round-{done}.safetensors"
+        tmp = folder / f"{name}.tmp"
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp))
-        os.replace(tmp, folder / "adapter.safetensors")
-        write_json(folder / "state.json", {"round": server_round + self.round_offset, "time": time.time()})
-        self.write_results(status="running")
+        os.replace(tmp, folder / name)
+        results = self.write_results(status="running")
+        recorder = {**results["communication"], "client_level": self.client_level, "wall_time_s": results["wall_time_s"]}
+        write_json(folder / "state.json", {"round": done, "time": time.time(), "adapter": name, "recorder": recorder})
+        latest = folder / "adapter.safetensors.tmp"  # adapter.safetensors: the committed adapter, for readers
+        latest.unlink(missing_ok=True)
+        try:
+            os.link(folder / name, latest)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(folder / name, latest)
+        os.replace(latest, folder / "adapter.safetensors")
+        for old in folder.glob("adapter-round-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
 
     def record_validation(self, evaluations: dict[str, SiteEvaluation], calibration: Calibration | None) -> None:
         """The final adapter's validation metrics: pooled (when the sites shared predictions) or

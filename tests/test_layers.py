@@ -17,7 +17,7 @@ LAYERS = [
     ["federation", "baselines", "run_folder"],
     ["audit"],
     ["report"],
-    ["export", "predict", "simulate", "study", "tune", "deploy", "bench", "cli"],
+    ["export", "predict", "simulate", "study", "tune", "deploy", "bench", "chaos", "cli"],
 ]
 RANK = {name: number for number, names in enumerate(LAYERS) for name in names}
 
