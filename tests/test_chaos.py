@@ -37,11 +37,26 @@ def test_the_hook_is_inert_without_its_environment_variable(tmp_path, monkeypatc
 
     assert (write_sitecustomize(tmp_path) / "sitecustomize.py").read_text() == SITECUSTOMIZE
     monkeypatch.delenv(hooks.ENV, raising=False)
-    monkeypatch.setattr("sys.argv", ["flwr-clientapp"])
+    monkeypatch.setattr("sys.orig_argv", ["python", "-m", "fedfm.deploy.site_worker", "x.sock"])
+    assert hooks.process_kind() == hooks.SITE
     hooks.install()  # nothing to do, nothing patched
     import fedfm.privacy.ledger as ledger
 
     assert ledger.atomic_write.__module__ == "fedfm.privacy.ledger"
+
+
+def test_the_hooks_act_where_a_sites_code_runs(monkeypatch):
+    from fedfm.chaos import hooks
+
+    monkeypatch.setattr("sys.orig_argv", ["/venv/bin/python", "/venv/bin/flwr-clientapp", "--token", "t"])
+    monkeypatch.setenv("FEDFM_SITE_WORKER", "1")
+    assert hooks.process_kind() is None  # it forwards to the site's worker, which runs the site's code
+    monkeypatch.setenv("FEDFM_SITE_WORKER", "0")
+    assert hooks.process_kind() == hooks.SITE
+    monkeypatch.setattr("sys.orig_argv", ["/venv/bin/python", "/venv/bin/flwr-serverapp"])
+    assert hooks.process_kind() == hooks.COORDINATOR
+    monkeypatch.setattr("sys.orig_argv", ["/venv/bin/python", "/venv/bin/flower-supernode"])
+    assert hooks.process_kind() is None
 
 
 @pytest.mark.slow

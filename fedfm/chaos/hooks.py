@@ -2,8 +2,8 @@
 
 The soak writes a ``sitecustomize.py`` that calls :func:`install` onto the ``PYTHONPATH`` of
 one site's SuperNode (or of the coordinator) and describes the fault in ``FEDFM_CHAOS_HOOK``.
-Only the app processes act on it (``flwr-clientapp`` on a site, ``flwr-serverapp`` on the
-coordinator); the fault fires once per soak run (a marker file records it). Nothing here is
+Only the processes that run app code act on it (a site's worker, or its ClientApp when it calls
+the site in process; ``flwr-serverapp`` on the coordinator); the fault fires once per soak run (a marker file records it). Nothing here is
 imported by fedfm itself: without the environment variable a deployment has no hooks.
 """
 
@@ -27,17 +27,32 @@ def write_sitecustomize(folder: Path) -> Path:
     return folder
 
 
+SITE, COORDINATOR = "site", "coordinator"
+
+
+def process_kind() -> str | None:
+    """Which process this is: where a site's code runs (its long-lived worker, or a ClientApp
+    that calls the site in process), the ServerApp, or neither."""
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if "fedfm.deploy.site_worker" in argv:
+        return SITE
+    program = next((Path(a).name for a in argv[1:2] if not a.startswith("-")), "")
+    if program == "flwr-clientapp" and os.environ.get("FEDFM_SITE_WORKER", "") != "1":
+        return SITE
+    return COORDINATOR if program == "flwr-serverapp" else None
+
+
 def install() -> None:
     raw = os.environ.get(ENV)
-    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    if not raw or program not in ("flwr-clientapp", "flwr-serverapp"):
+    program = process_kind()
+    if not raw or program is None:
         return
     spec = json.loads(raw)
-    if program == "flwr-clientapp" and spec["kind"] == "kill-in-ledger-write":
+    if program == SITE and spec["kind"] == "kill-in-ledger-write":
         _ledger_kill(spec)
-    elif program == "flwr-clientapp" and spec["kind"] in ("drop-reply", "delay-reply"):
+    elif program == SITE and spec["kind"] in ("drop-reply", "delay-reply"):
         _hold_reply(spec)
-    elif program == "flwr-serverapp" and spec["kind"] == "kill-in-checkpoint-write":
+    elif program == COORDINATOR and spec["kind"] == "kill-in-checkpoint-write":
         _checkpoint_kill(spec)
 
 
