@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfm.deploy import worker_client
-from fedfm.protocol import ARRAYS, CONFIG, LEDGER_HEAD, METRICS, PROCESS_AGE, SITE_CALL_SECONDS, SITE_WORKER_FAILED
+from fedfm.packed import pack, unpack
+from fedfm.protocol import ARRAYS, CONFIG, LAYOUT, LEDGER_HEAD, METRICS, PROCESS_AGE, SITE_CALL_SECONDS, SITE_WORKER_FAILED
 
 app = ClientApp()
 
@@ -48,10 +48,11 @@ def in_process(request: dict) -> dict:
 
 def handle(call: str, msg: Message, context: Context) -> Message:
     age = process_age()
+    config = dict(msg.content[CONFIG])
+    arrays = unpack({name: array.numpy() for name, array in msg.content[ARRAYS].items()}, str(config.pop(LAYOUT)))
     request = {
         "call": call, "run_config": dict(context.run_config), "node_config": dict(context.node_config),
-        "run_id": str(context.run_id), "config": dict(msg.content[CONFIG]),
-        "arrays": {name: array.numpy() for name, array in msg.content[ARRAYS].items()},
+        "run_id": str(context.run_id), "config": config, "arrays": arrays,
     }
     if worker_client.enabled():
         try:
@@ -70,8 +71,10 @@ def handle(call: str, msg: Message, context: Context) -> Message:
         metrics[PROCESS_AGE] = age
         metrics[SITE_CALL_SECONDS] = answer["seconds"]
     content = RecordDict()
-    if answer["arrays"] is not None:
-        content[ARRAYS] = ArrayRecord({name: Array(np.asarray(value)) for name, value in answer["arrays"].items()})
+    if answer["arrays"] is not None:  # one array per dtype and its layout (fedfm.packed)
+        packed, layout = pack(answer["arrays"])
+        content[ARRAYS] = ArrayRecord({name: Array(value) for name, value in packed.items()})
+        content[LAYOUT] = ConfigRecord({LAYOUT: layout})
     content[METRICS] = MetricRecord(metrics)
     if answer["head"] is not None:  # the coordinator anchors it (fedfm.privacy.anchors)
         content[LEDGER_HEAD] = ConfigRecord(answer["head"])

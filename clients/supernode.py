@@ -3,7 +3,8 @@
 Flower 1.42.0's SuperNode sleeps 3 s whenever a pull from the SuperLink finds no message and
 0.5 s between checks for its ClientApp's reply (``flwr/supernode/start_client_internal.py``,
 hard-coded), and its SuperExec looks for new tasks every second. A fedfm round is a few seconds
-of compute, so these waits were most of it. This launcher turns on the site's long-lived worker
+of compute, so these waits were most of it. While messages come (a run), the waits are short;
+a minute after the last, the SuperNode polls at Flower's pace again. This launcher turns on the site's long-lived worker
 (``FEDFM_SITE_WORKER=1``: see ``fedfm/deploy/worker_client.py``), caps those sleeps at ``WAIT_S`` and sets
 the SuperExec's interval (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, its documented variable) before
 running the unmodified ``flower-supernode`` command. The cap relies on a private module of one
@@ -22,15 +23,33 @@ import warnings
 from fedfm.deploy.worker_client import WORKER_ENV
 
 PATCHED_FLWR = "1.42.0"
+WAIT_ENV = "FEDFM_SUPERNODE_WAIT_S"  # the cap, in seconds (default WAIT_S)
 WAIT_S = 0.2  # an idle SuperNode pulls 5 times a second (one small gRPC call)
-SUPEREXEC_POLL_S = "0.1"
+SUPEREXEC_POLL_S = "0.25"
+IDLE_SLEEP_S = 3.0  # the SuperNode's sleep after a pull that found no message
+IDLE_AFTER_S = 60.0  # this long without a message, the SuperNode waits Flower's 3 s between pulls again
 
 
-def capped_time(cap: float) -> types.ModuleType:
-    """A stand-in for the ``time`` module whose ``sleep`` waits at most ``cap`` seconds."""
+def capped_time(cap: float, idle_after_s: float = IDLE_AFTER_S) -> types.ModuleType:
+    """A stand-in for the ``time`` module whose ``sleep`` waits at most ``cap`` seconds while the
+    SuperNode is busy. Its loop sleeps 3 s after a pull that found nothing and 0.5 s while a reply is
+    on its way; a sleep shorter than ``IDLE_SLEEP_S`` is activity. After ``idle_after_s`` without
+    any, the idle sleeps are Flower's own again, so an idle federation costs next to nothing."""
     shim = types.ModuleType("time")
     shim.__dict__.update({k: v for k, v in vars(time).items() if not k.startswith("__")})
-    shim.sleep = lambda seconds: time.sleep(min(float(seconds), cap))
+    last_busy = [time.monotonic()]
+
+    def sleep(seconds: float) -> None:
+        seconds = float(seconds)
+        now = time.monotonic()
+        if seconds < IDLE_SLEEP_S:
+            last_busy[0] = now
+        elif now - last_busy[0] > idle_after_s:
+            time.sleep(seconds)
+            return
+        time.sleep(min(seconds, cap))
+
+    shim.sleep = sleep
     return shim
 
 
@@ -51,7 +70,7 @@ def shorten_waits(cap: float = WAIT_S) -> bool:
 
 
 def main() -> None:
-    shorten_waits()
+    shorten_waits(float(os.environ.get(WAIT_ENV) or WAIT_S))
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv[0] = "flower-supernode"

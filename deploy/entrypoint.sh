@@ -11,7 +11,7 @@
 #   (anything else is executed as a command)
 set -eu
 # the SuperExecs (ServerApp at the SuperLink, ClientApps at each site) look for tasks this often
-export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.25}
 
 CERTS_DIR=${CERTS_DIR:-/certs}
 SUPERLINK_ADDRESS=${SUPERLINK_ADDRESS:-superlink:9093}

@@ -68,6 +68,7 @@ REFUSALS_FOR_THE_RUN = (BUDGET_REFUSED, LEDGER_ROLLED_BACK)  # a site refusing s
 ARRAYS = "arrays"  # ArrayRecord: the adapter (server -> site, and the site's update back)
 CONFIG = "config"  # ConfigRecord: what the server asks for
 METRICS = "metrics"  # MetricRecord: what the site reports
+LAYOUT = "layout"  # the adapter's layout (fedfm.packed): in the server's ConfigRecord, and a ConfigRecord of a train reply
 LEDGER_HEAD = "ledger-head"  # ConfigRecord: a DP-SGD site's signed ledger head, in its train reply
 
 # --- config keys (server -> site) ---------------------------------------------------------------

@@ -10,16 +10,17 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedfm.appconfig import experiment_from_run_config
 from fedfm.federation import TRAIN, Outgoing, Reply, RunRequest, serve
-from fedfm.protocol import ARRAYS, CONFIG, LEDGER_HEAD, METRICS
+from fedfm.packed import LayoutError, pack, unpack
+from fedfm.protocol import ARRAYS, CONFIG, LAYOUT, LEDGER_HEAD, METRICS
 
 app = ServerApp()
 
-MALFORMED = "a train reply needs one ArrayRecord and one MetricRecord"
+MALFORMED = "a train reply needs one ArrayRecord, its layout and one MetricRecord"
 PULL_INTERVAL_S = 0.1  # Grid.send_and_receive waits 3 s between pulls; a round waits for its replies this long at most
 
 
@@ -28,28 +29,31 @@ class GridLink:
 
     def __init__(self, grid: Grid):
         self.grid = grid
-        self._record: tuple[dict, ArrayRecord] | None = None  # the last adapter sent, serialized once
+        self._record: tuple[dict, ArrayRecord, str] | None = None  # the last adapter sent, packed once
 
     def nodes(self) -> list[int]:
         return list(self.grid.get_node_ids())
 
-    def record(self, adapter: dict[str, torch.Tensor]) -> ArrayRecord:
+    def record(self, adapter: dict[str, torch.Tensor]) -> tuple[ArrayRecord, str]:
+        """The adapter as one array per dtype (``fedfm.packed``) and its layout."""
         if self._record is None or self._record[0] is not adapter:
-            self._record = (adapter, ArrayRecord(adapter))
-        return self._record[1]
+            packed, layout = pack({name: t.detach().cpu().numpy() for name, t in adapter.items()})
+            self._record = (adapter, ArrayRecord({k: Array(v) for k, v in packed.items()}), layout)
+        return self._record[1], self._record[2]
 
     def wire_bytes(self, adapter: dict[str, torch.Tensor]) -> int:
-        return self.record(adapter).count_bytes()
+        record, layout = self.record(adapter)
+        return record.count_bytes() + len(layout.encode())
 
     def exchange(self, messages: list[Outgoing], timeout: float) -> list[Reply]:
-        out = [
-            Message(
-                content=RecordDict({ARRAYS: self.record(m.adapter), CONFIG: ConfigRecord(m.config)}),
+        out = []
+        for m in messages:
+            record, layout = self.record(m.adapter)
+            out.append(Message(
+                content=RecordDict({ARRAYS: record, CONFIG: ConfigRecord({**m.config, LAYOUT: layout})}),
                 message_type=MessageType.TRAIN if m.kind == TRAIN else MessageType.EVALUATE,
                 dst_node_id=m.node,
-            )
-            for m in messages
-        ]
+            ))
         return [as_reply(reply) for reply in self.send_and_receive(out, timeout)] if out else []
 
     def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
@@ -75,11 +79,22 @@ def as_reply(message: Message) -> Reply:
     arrays = [v for v in content.values() if isinstance(v, ArrayRecord)]
     metrics = dict(content[METRICS]) if METRICS in content else None
     head = dict(content[LEDGER_HEAD]) if LEDGER_HEAD in content else None
-    if len(arrays) != 1:  # an evaluate reply carries no adapter; the core rejects a train reply without one
+    layout = str(content[LAYOUT][LAYOUT]) if LAYOUT in content and LAYOUT in content[LAYOUT] else None
+    if len(arrays) != 1 or layout is None:  # an evaluate reply carries no adapter; the core rejects a train reply without one
         return Reply(node, metrics=metrics, ledger_head=head, malformed=MALFORMED if arrays else None)
-    # decoded only when the core has checked its size (federation.max_update_bytes)
-    return Reply(node, None, metrics, head, nbytes=arrays[0].count_bytes(), load=arrays[0].to_torch_state_dict,
-                 malformed=None if metrics is not None else MALFORMED)
+    reply = Reply(node, None, metrics, head, nbytes=arrays[0].count_bytes() + len(layout.encode()),
+                  malformed=None if metrics is not None else MALFORMED)
+
+    def load() -> dict[str, torch.Tensor] | None:  # only once the core has checked the size (max_update_bytes)
+        try:
+            unpacked = unpack({name: array.numpy() for name, array in arrays[0].items()}, layout)
+        except LayoutError as err:
+            reply.malformed = str(err)
+            return None
+        return {name: torch.from_numpy(value) for name, value in unpacked.items()}
+
+    reply.load = load
+    return reply
 
 
 @app.main()

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # lowest first; a module may import its own layer and the layers below it
 LAYERS = [
-    ["protocol", "config", "transport", "appconfig", "run_log"],
+    ["protocol", "config", "transport", "appconfig", "run_log", "packed"],
     ["data"],
     ["models", "eval"],
     ["privacy"],

@@ -12,7 +12,8 @@ Per round (from results.json, what the sites reported with their train replies):
   polling), transfer over TLS, the validation message, aggregation and the checkpoint.
 
 Then ``idle_cpu_pct``: the CPU time every process of the federation (SuperLink, SuperNodes,
-SuperExecs, site workers) uses while no run is active, in percent of one core over ``IDLE_S``.
+SuperExecs, site workers) uses while no run is active, in percent of one core over ``IDLE_S``,
+just after the run and (``quiet_cpu_pct``) ``QUIET_AFTER_S`` after it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ from pathlib import Path
 from typing import Any
 
 IDLE_S = 20.0
+QUIET_AFTER_S = 70.0  # clients/supernode.py: a minute without messages, Flower's own idle waits
+
+
+def idle_cpu_pct(procs: list) -> float:
+    before = cpu_seconds(procs)
+    time.sleep(IDLE_S)
+    return 100.0 * (cpu_seconds(procs) - before) / IDLE_S
 
 
 def federation_processes(groups: set[int]) -> list:
@@ -89,10 +97,10 @@ def deployment_rounds(sites: int = 3, rounds: int = 4, image_size: int = 16) -> 
             total = time.time() - run_started
             time.sleep(2.0)  # the last replies' bookkeeping settles
             procs = federation_processes({p.pid for p in local.procs.values()})
-            before = cpu_seconds(procs)
-            time.sleep(IDLE_S)
-            idle_cpu = 100.0 * (cpu_seconds(procs) - before) / IDLE_S
             workers = sum(is_site_worker(p) for p in procs)
+            idle_cpu = idle_cpu_pct(procs)  # just after the run
+            time.sleep(QUIET_AFTER_S - IDLE_S - 2.0)
+            quiet_cpu = idle_cpu_pct(procs)  # a minute later: the SuperNodes poll at Flower's pace again
         results = json.loads((run_dir / "results.json").read_text())
     if code != 0 or results["status"] != "complete":
         raise RuntimeError(f"deployment benchmark run failed (exit {code}, status {results['status']})")
@@ -109,14 +117,15 @@ def deployment_rounds(sites: int = 3, rounds: int = 4, image_size: int = 16) -> 
     later = rows[1:] or rows
     return {"sites": sites, "startup_s": startup, "run_total_s": total, "rounds": rows,
             "later_minus_compute_s": sum(r["minus_compute_s"] for r in later) / len(later),
-            "idle_cpu_pct": idle_cpu, "site_workers": workers,
+            "idle_cpu_pct": idle_cpu, "quiet_cpu_pct": quiet_cpu, "site_workers": workers,
             "update_bytes": results["communication"]["update_bytes"]}
 
 
 def deploy_table(d: dict[str, Any]) -> list[str]:
     out = ["", f"{d['sites']} sites, start-up {d['startup_s']:.1f} s (SuperLink, keys registered, SuperNodes online), "
            f"run {d['run_total_s']:.1f} s; {d['site_workers']} site workers; idle federation CPU "
-           f"{d['idle_cpu_pct']:.1f} % of one core; rounds after the first: round minus compute "
+           f"{d['idle_cpu_pct']:.1f} % of one core just after the run, {d.get('quiet_cpu_pct', float('nan')):.1f} % "
+           f"{QUIET_AFTER_S:.0f} s after it; rounds after the first: round minus compute "
            f"{d['later_minus_compute_s']:.2f} s on average", "",
            "| round | round s | compute s | site call s | ClientApp process start s | rest (waits, transfer, validation) s | "
            "round minus compute s |", "|---|---|---|---|---|---|---|"]

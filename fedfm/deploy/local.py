@@ -26,7 +26,7 @@ from fedfm.protocol import site_name
 from fedfm.run_log import stream_run
 
 
-SUPEREXEC_POLL_S = "0.1"
+SUPEREXEC_POLL_S = "0.25"
 
 
 def free_port() -> int:

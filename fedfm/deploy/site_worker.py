@@ -6,7 +6,7 @@ the activation cache) once per run, and then answers the ClientApp's calls
 lives only in its memory: every call reads the site's ledger and signed head from disk, so a
 worker killed at any moment loses nothing; the ClientApp reports that round's call as failed and
 the next message starts a new worker. It exits when the process it watches (the SuperNode's
-SuperExec) is gone, or after ``IDLE_EXIT_S`` without a call.
+SuperExec) is gone, or after ``IDLE_EXIT_S`` (30 minutes) without a call.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 from fedfm import site_calls
 from fedfm.deploy.worker_client import key_path
 
-IDLE_EXIT_S = 3600.0
+IDLE_EXIT_S = 1800.0
 WATCH_S = 1.0
 
 

@@ -47,9 +47,16 @@ def worker_dir() -> Path:
     return root
 
 
+def package_root() -> str:
+    """The folder this fedfm is imported from (a Flower app's install folder in deployment)."""
+    return str(Path(__file__).resolve().parents[2])
+
+
 def socket_path(node_config: Mapping[str, Any]) -> Path:
     """The worker socket of the site ``node_config`` describes (short: Unix socket paths are limited)."""
-    name = hashlib.sha256(json.dumps(dict(node_config), sort_keys=True, default=str).encode()).hexdigest()[:20]
+    # named after the site and the code it runs: an app of another version gets a worker of its own
+    identity = json.dumps([dict(node_config), package_root()], sort_keys=True, default=str)
+    name = hashlib.sha256(identity.encode()).hexdigest()[:20]
     path = worker_dir() / f"{name}.sock"
     if len(str(path)) > MAX_SOCKET_PATH:
         raise WorkerFailed(f"{WORKER_DIR_ENV}={os.environ.get(WORKER_DIR_ENV)}: the worker's socket path would have "
@@ -82,8 +89,7 @@ def start(socket: Path, watch_pid: int) -> Connection:
         handle.write(secrets.token_bytes(32))
     print(f"[fedfm] starting this site's worker ({socket.name}); later rounds reuse it", flush=True)
     # the worker imports the same fedfm as this process (a ClientApp may run from an installed FAB)
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root(), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, "-m", "fedfm.deploy.site_worker", str(socket), "--watch-pid", str(watch_pid)],
                             stdin=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -6,6 +6,8 @@ runs take minutes: the module is marked ``slow`` and runs in CI with ``pytest -m
 
 import json
 import math
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -41,6 +43,28 @@ def _poisoned(self, global_adapter, server_round):
     return reply
 
 site_module.Site.train = _poisoned
+'''
+
+
+# Loaded by the site worker of the SuperNode it is given to: in round 2 the worker announces its
+# pid in a file, then trains slowly, so the test can SIGKILL it in the middle of that round.
+SLOW_ROUND_TWO = '''
+import os
+import sys
+if "fedfm.deploy.site_worker" in sys.orig_argv:
+    import time
+    import fedfm.site as site_module
+
+    _train = site_module.Site.train
+
+    def _slow(self, global_adapter, server_round):
+        if server_round == 2 and not os.path.exists(os.environ["WORKER_MARKER"]):
+            with open(os.environ["WORKER_MARKER"], "w") as marker:
+                marker.write(str(os.getpid()))
+            time.sleep(120)
+        return _train(self, global_adapter, server_round)
+
+    site_module.Site.train = _slow
 '''
 
 
@@ -127,6 +151,42 @@ def test_unregistered_site_refused_non_finite_update_rejected_killed_site_surviv
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert all(math.isfinite(float(t.abs().sum())) for t in adapter.values())
     assert [e["round"] for e in SiteLedger(run_dir / "ledger", "site-0").verify() if e.get("kind") != "label-counts"] == [1, 2]
+
+
+def test_a_site_worker_killed_mid_round_costs_that_round_only_and_loses_nothing(tmp_path):
+    config = _config("data.num_sites=2", "federation.rounds=3")
+    run_dir = prepare_run_dir(config, str(tmp_path / "run"))
+    dep = init_deployment(run_dir / "deployment", sites=2)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_ROUND_TWO)
+    marker = tmp_path / "worker-pid"
+    with LocalDeployment(dep, run_dir / "deployment") as local:
+        local.start_superlink()
+        for site in (0, 1):
+            local.register(site)
+        local.start_supernode(0, site_node_config(config, 0, run_dir / "ledger"))
+        local.start_supernode(1, site_node_config(config, 1, run_dir / "ledger"),
+                              env={"PYTHONPATH": str(hooks), "WORKER_MARKER": str(marker)})
+        local.wait_online([0, 1])
+        thread, box = _in_thread(local.run_app, write_run_config(config, run_dir), run_dir / "flwr.log")
+        _wait_for(marker.exists, 900, "site-1's worker to start round 2")
+        time.sleep(0.5)
+        os.kill(int(marker.read_text()), signal.SIGKILL)  # the worker, mid-round; its SuperNode lives on
+        thread.join(timeout=900)
+        assert not thread.is_alive() and box["value"] == 0
+        site_log = (run_dir / "deployment" / "site-1.log").read_text()
+        assert site_log.count("starting this site's worker") == 2  # the next message started a new one
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "complete"
+    assert [r["participants"] for r in results["rounds"]] == [["site-0", "site-1"], ["site-0"], ["site-0", "site-1"]]
+    assert any("worker died" in reason for reason in results["rounds"][1]["refused"].values())
+    for name in ("site-0", "site-1"):
+        trained = [e["round"] for e in SiteLedger(run_dir / "ledger", name).verify() if e.get("kind") != "label-counts"]
+        assert trained == ([1, 2, 3] if name == "site-0" else [1, 3])  # killed before its round-2 steps
+        assert results["sites"][name]["epsilon"] == SiteLedger(run_dir / "ledger", name).verify()[-1]["epsilon"]
+    assert all(a.passed for a in audit_run(run_dir))
 
 
 def test_coordinator_restart_resumes_from_its_checkpoint_with_ledgers_intact(tmp_path):

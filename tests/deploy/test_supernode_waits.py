@@ -16,6 +16,23 @@ def test_capped_sleep_waits_at_most_the_cap_and_keeps_the_rest_of_time():
     assert shim.time is time.time and shim.monotonic is time.monotonic
 
 
+def test_after_a_quiet_spell_the_idle_sleeps_are_flowers_own_again(monkeypatch):
+    clock = [100.0]
+    slept = []
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(time, "sleep", lambda seconds: slept.append(seconds))
+    shim = supernode.capped_time(0.2, idle_after_s=60)
+    shim.sleep(3)  # an idle pull while the run is on: short
+    shim.sleep(0.5)  # a reply on its way: activity
+    clock[0] += 59
+    shim.sleep(3)
+    clock[0] += 2  # over a minute since the last activity
+    shim.sleep(3)
+    shim.sleep(0.5)  # a message again
+    shim.sleep(3)
+    assert slept == [0.2, 0.2, 0.2, 3.0, 0.2, 0.2]
+
+
 def test_the_supernode_loop_sleeps_briefly_and_its_superexec_polls_often(monkeypatch):
     from flwr.supernode import start_client_internal
 
