@@ -71,7 +71,8 @@ def plan_fault(seed: int, rounds: int, sites: int, round_timeout_s: float) -> Fa
     if kind == KILL_IN_CHECKPOINT_WRITE:
         return Fault(**common, point=rng.choice(CHECKPOINT_POINTS), fraction=round(rng.uniform(0.05, 0.95), 3))
     if kind == KILL_COORDINATOR:
-        return Fault(**{**common, "delay_s": round(rng.uniform(0.0, 25.0), 2)})
+        # a deployment round of the soak's run takes a few seconds (site workers, packed adapters)
+        return Fault(**{**common, "delay_s": round(rng.uniform(0.0, 6.0), 2)})
     if kind == RESTART_SUPERNODE:
         return Fault(**common, pause_s=round(rng.uniform(0.0, 10.0), 2))
     if kind == DROP_REPLY:
