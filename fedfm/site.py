@@ -24,6 +24,7 @@ from fedfm.models import ModelSpec, adapter_state_dict
 from fedfm.models.method import adapter_method
 from fedfm.personal import PersonalState
 from fedfm.protocol import (
+    CACHE_BUILD_SECONDS,
     CLASS_WEIGHTED,
     CLASS_WEIGHTS,
     BUDGET_EPSILON,
@@ -164,6 +165,7 @@ class Site:
                 batches.insert(0, label_count_release(cfg.train.label_count_noise))  # released first, this round
             self._check_budget(accountant, *batches)
         class_weights = self.class_weights(server_round, accountant)
+        built_before = self.cache.stats.build_seconds if self.cache is not None else 0.0
         model = self.fresh_model(self.personal.apply(global_adapter, before=server_round))
         trained, train_split = self.runnable(model, "train")
         started = time.perf_counter()
@@ -189,7 +191,7 @@ class Site:
                BUDGET_EPSILON: self.budget if cfg.privacy.sample_level else 0.0,
                NOISE_MULTIPLIER: outcome.noise_multiplier, SAMPLE_RATE: outcome.sample_rate, TRAIN_SECONDS: seconds},
             **balance,
-            **self.cache_metrics(),
+            **self.cache_metrics(since=built_before),
         )
         adapter = adapter_state_dict(model)
         if self.personal.enabled:
@@ -316,9 +318,14 @@ class Site:
         metrics = classification_metrics(probs, data.labels) if len(data) else {"n": 0}
         return EvalReply(metrics, probs, data.labels)
 
-    def cache_metrics(self) -> dict[str, float | int]:
-        """Seconds this process spent building cache files so far, and bytes of the files in use."""
-        return self.cache.describe() if self.cache is not None else {}
+    def cache_metrics(self, since: float = 0.0) -> dict[str, float | int]:
+        """Seconds spent building cache files (those after ``since``, a reading of this process's
+        total: a site kept across rounds reports 0 once its files exist), and bytes of the files in use."""
+        if self.cache is None:
+            return {}
+        metrics = self.cache.describe()
+        metrics[CACHE_BUILD_SECONDS] -= since
+        return metrics
 
     def sizes(self) -> dict[str, int]:
         return {"n_train": len(self.data.train), "n_val": len(self.data.val), "n_test": len(self.data.test)}

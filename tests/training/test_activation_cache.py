@@ -162,6 +162,25 @@ def test_cache_files_are_reused_and_invalidated(tmp_path):
     assert fourth.stats.built == ["train"]
 
 
+def test_a_site_kept_across_rounds_reports_each_training_calls_own_build_seconds(tmp_path):
+    """Simulation and the deployment worker keep one Site per run: round 1 builds the train file, a
+    later round (whose call first validates, building the val file) reports 0: it trained from round 1's file."""
+    from fedfm import site_calls
+    from fedfm.models import adapter_state_dict
+    from fedfm.protocol import SERVER_ROUND, VALIDATE
+    from fedfm.site import Site
+
+    config = load_config(None, ["data.num_sites=2", "data.samples_per_site=40", "data.image_size=16",
+                                "model.backbone=vit-tiny", "train.batch_size=8", "privacy.noise_multiplier=1.0"])
+    site = Site(config, 0, tmp_path)
+    arrays = site_calls.as_numpy(adapter_state_dict(build_model(ModelSpec(config.model, config.lora, 2, 1, 16))[0]))
+    first = site_calls.train(site, arrays, {SERVER_ROUND: 1}).metrics
+    assert first["cache-build-seconds"] > 0 and first["cache-bytes"] > 0
+    second = site_calls.train(site, arrays, {SERVER_ROUND: 2, VALIDATE: True}).metrics
+    assert sorted(site.cache.stats.built) == ["train", "val"]  # the validation built its file in this call
+    assert second["cache-build-seconds"] == 0 and second["cache-bytes"] > first["cache-bytes"]
+
+
 def test_a_crash_mid_write_leaves_no_file_that_counts(tmp_path, monkeypatch):
     model, split = _model("ct2d"), _split("ct2d")
     length = prefix_length(model)
