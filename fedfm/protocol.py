@@ -102,7 +102,7 @@ TRAIN_SECONDS = "train-seconds"  # the round's steps; building the activation ca
 CLASS_WEIGHTED = "class-weighted"
 CLASS_WEIGHTS = "class-weights"
 CACHE_BYTES = "cache-bytes"  # bytes of the activation cache files in use
-CACHE_BUILD_SECONDS = "cache-build-seconds"  # seconds this process spent building them
+CACHE_BUILD_SECONDS = "cache-build-seconds"  # seconds this training call spent building them
 STATISTICS_PREFIX = "cal-"  # a site's calibration statistics in its validation reply
 CALIBRATED = "calibrated-"  # a site's metrics after calibration in its test reply
 
@@ -156,6 +156,14 @@ def split_validation(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
     train = {k: v for k, v in metrics.items() if not k.startswith(VALIDATION)}
     validation = {k[len(VALIDATION):]: v for k, v in metrics.items() if k.startswith(VALIDATION)}
     return train, validation or None
+
+
+def round_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """An evaluate reply's metrics as a round's validation records them: without the predictions
+    and calibration statistics a final validation also asks for."""
+    if metrics is None:
+        return None
+    return {k: v for k, v in metrics.items() if k not in (PROBS, LABELS) and not k.startswith(STATISTICS_PREFIX)}
 
 
 def reply_site(metrics: Mapping[str, Any]) -> str:

@@ -19,7 +19,8 @@ from fedfm.federation.link import EVALUATE, TRAIN, Link, Outgoing
 from fedfm.global_model import run_method
 from fedfm.models import adapter_state_dict, full_model_bytes
 from fedfm.privacy.anchors import AnchorLog
-from fedfm.protocol import CALIBRATION_STATS, RETURN_PREDICTIONS, SPLIT, decode_eval_reply
+from fedfm.federation.replies import Reply
+from fedfm.protocol import CALIBRATION_STATS, RETURN_PREDICTIONS, SPLIT, decode_eval_reply, round_metrics
 from fedfm.results import RunRecorder, SiteEvaluation
 from fedfm.transport import encode
 
@@ -59,13 +60,14 @@ def serve(link: Link, config: ExperimentConfig, request: RunRequest) -> dict[str
         if server_round > 0 and (config.output.checkpoint_every_round or server_round + done == last):
             recorder.checkpoint(server_round, adapter)
 
-    final = run_rounds(link, coordinator, initial, max(0, last - done), fed.round_timeout_s, checkpoint)
+    deferred: list[LastValidation] = []
+    final = run_rounds(link, coordinator, initial, max(0, last - done), fed.round_timeout_s, checkpoint, deferred)
     if last < fed.rounds:
         recorder.write_results(status="paused")
         print(f"[fedfm] paused after round {last}: continue with fedfm simulate --resume {run_dir}", flush=True)
         return None
     sent = encode(final, fed.transport)
-    calibration = validate_final(link, sent, config, recorder)
+    calibration = validate_final(link, sent, config, recorder, coordinator, deferred[0] if deferred else None)
     test_config = calibration_config(calibration) if calibration is not None else {}
     evaluations = (evaluate_split(link, sent, "test", config.eval.share_predictions, fed.round_timeout_s, test_config)
                    if config.eval.test else {})  # eval.test=false: a search on validation never reads test
@@ -79,14 +81,24 @@ def serve(link: Link, config: ExperimentConfig, request: RunRequest) -> dict[str
     return results
 
 
+@dataclass
+class LastValidation:
+    """The run's last round, whose validation rides with the final validation (same adapter, same split)."""
+
+    server_round: int
+    nodes: list[int]
+
+
 def run_rounds(link: Link, coordinator: Coordinator, initial: Adapter, num_rounds: int, timeout: float,
-               after_round: Callable[[int, Adapter], None]) -> Adapter:
+               after_round: Callable[[int, Adapter], None], deferred: list[LastValidation] | None = None) -> Adapter:
     """``num_rounds`` rounds of train + validation; the global adapter at the end.
 
     With ``federation.validate_with_next_train`` a round's validation (of its aggregate) is asked
     for in the next round's train messages, which carry that same adapter: one message per site
-    per round. Sites not training next round, and the run's last round, get an evaluate message;
-    a run paused after round k validates round k with the train messages of its resumption.
+    per round. Sites not training next round get an evaluate message; a run paused after round k
+    validates round k with the train messages of its resumption. The run's last round gets
+    evaluate messages, unless ``deferred`` is given: then its validation is appended there, for
+    :func:`validate_final` to take from the final validation's replies.
     """
     adapter = initial
     after_round(0, adapter)
@@ -106,7 +118,11 @@ def run_rounds(link: Link, coordinator: Coordinator, initial: Adapter, num_round
         if aggregated is not None:
             adapter = aggregated
         pending = planned(lambda connected: coordinator.evaluate_nodes(server_round, connected), link)
-        if not coordinator.config.federation.validate_with_next_train or coordinator.is_last(server_round):
+        if coordinator.config.federation.validate_with_next_train and coordinator.is_last(server_round) \
+                and deferred is not None:
+            deferred.append(LastValidation(server_round, pending))
+            pending = []
+        elif not coordinator.config.federation.validate_with_next_train or coordinator.is_last(server_round):
             validate_round(link, coordinator, server_round, adapter, pending, timeout)
             pending = []
         after_round(server_round, adapter)  # a paused run's resumption sends what is still pending
@@ -154,13 +170,24 @@ def wait_for_sites(link: Link, expected: int, timeout: float) -> int:
         time.sleep(1)
 
 
-def validate_final(link: Link, adapter: Adapter, config: ExperimentConfig, recorder: RunRecorder) -> Calibration | None:
+def validate_final(link: Link, adapter: Adapter, config: ExperimentConfig, recorder: RunRecorder,
+                   coordinator: Coordinator | None = None, last: LastValidation | None = None) -> Calibration | None:
     """The final adapter on every site's validation split: pooled validation metrics (what a search
     selects by) and, with eval.calibrate, the temperature and threshold fitted on the sites' summed
-    statistics. Returns the calibration, or None."""
+    statistics. With ``last``, the same replies are the last round's validation (the final adapter
+    is that round's): no second message per site. Returns the calibration, or None."""
     stats: list[dict] = []
-    evaluations = evaluate_split(link, adapter, "val", config.eval.share_predictions, config.federation.round_timeout_s,
-                                 {CALIBRATION_STATS: config.eval.calibrate}, stats)
+    extra: dict[str, Any] = {CALIBRATION_STATS: config.eval.calibrate}
+    if last is not None and coordinator is not None:
+        extra.update(coordinator.message_config(last.server_round, split="val"))
+    replies = exchange_split(link, adapter, "val", config.eval.share_predictions, config.federation.round_timeout_s,
+                             extra)
+    if last is not None and coordinator is not None:
+        wanted = set(last.nodes)
+        coordinator.receive_evaluate(last.server_round, [
+            Reply(r.node, metrics=round_metrics(r.metrics), error_code=r.error_code, error_reason=r.error_reason)
+            for r in replies if r.node in wanted])
+    evaluations = site_evaluations(replies, "validation", stats)
     recorder.record_transfer(link.wire_bytes(adapter), len(evaluations))
     calibration = fit_calibration(sum_statistics(stats)) if config.eval.calibrate and stats else None
     recorder.record_validation(evaluations, calibration)
@@ -175,12 +202,23 @@ def evaluate_split(link: Link, adapter: Adapter, split: str, predictions: bool, 
                    extra: dict | None = None, statistics: list[dict] | None = None) -> dict[str, SiteEvaluation]:
     """Ask every site to evaluate ``adapter`` on its own ``split``; calibration statistics the sites
     send go into ``statistics`` (one dict per site)."""
+    replies = exchange_split(link, adapter, split, predictions, timeout, extra)
+    return site_evaluations(replies, "test" if split == "test" else "validation", statistics)
+
+
+def exchange_split(link: Link, adapter: Adapter, split: str, predictions: bool, timeout: float,
+                   extra: dict | None = None) -> list[Reply]:
+    """One evaluate message of ``adapter`` on ``split`` to every connected site; their replies."""
     config = {SPLIT: split, RETURN_PREDICTIONS: predictions, **(extra or {})}
-    messages = [Outgoing(node, EVALUATE, adapter, config) for node in link.nodes()]
+    return link.exchange([Outgoing(node, EVALUATE, adapter, config) for node in link.nodes()], timeout)
+
+
+def site_evaluations(replies: list[Reply], what: str, statistics: list[dict] | None = None) -> dict[str, SiteEvaluation]:
+    """Each answering site's evaluation, by site name; failed replies are reported and left out."""
     out: dict[str, SiteEvaluation] = {}
-    for reply in link.exchange(messages, timeout):
+    for reply in replies:
         if reply.failed:
-            print(f"[fedfm] node {reply.node} failed its test evaluation: {reply.error_reason}")
+            print(f"[fedfm] node {reply.node} failed its {what} evaluation: {reply.error_reason}")
             continue
         content = decode_eval_reply(reply.metrics)
         if content.statistics and statistics is not None:

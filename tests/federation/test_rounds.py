@@ -1,6 +1,7 @@
 """The federation core end to end over an in-memory link: refusals, held-out sites, client-level
 DP releases and their ledger, bytes and checkpoints. No Flower."""
 
+import json
 import math
 
 import dp_accounting
@@ -10,12 +11,14 @@ import torch
 from dp_accounting import rdp
 
 from fedfm.config import load_config
+from fedfm.eval.calibration import site_statistics
 from fedfm.federation import ClientLevelDP, Outgoing, Reply, build_coordinator
 from fedfm.federation.aggregate import clip_update, update_norm
 from fedfm.federation.workflow import run_rounds
 from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict, full_model_bytes
-from fedfm.protocol import BUDGET_REFUSED, HELD_OUT, SPLIT, VALIDATE, server_round, with_validation
+from fedfm.protocol import (BUDGET_REFUSED, CALIBRATION_STATS, HELD_OUT, RETURN_PREDICTIONS, SPLIT, VALIDATE,
+                            server_round, with_validation)
 from fedfm.results import RunRecorder
 
 
@@ -48,7 +51,12 @@ def trains(site_id, n, shift=1.0):
 
     def reply(message):
         if message.kind == "evaluate":
-            return Reply(message.node, metrics=validation(message.adapter))
+            metrics = validation(message.adapter)
+            if message.config.get(RETURN_PREDICTIONS):  # what a final validation also asks for
+                metrics.update({"probs": [0.4, 0.6], "labels": [1]})
+            if message.config.get(CALIBRATION_STATS):
+                metrics.update(site_statistics(np.array([[0.4, 0.6]]), np.array([1])))
+            return Reply(message.node, metrics=metrics)
         adapter = {k: v.float() + shift for k, v in message.adapter.items()}
         metrics = {"site-id": site_id, "num-examples": n, "client-weight": 1, "train-loss": 0.25,
                    "epsilon": float(server_round(message.config))}
@@ -209,3 +217,24 @@ def test_client_level_round_with_a_missing_site_releases_nothing(tmp_path):
     dp = ClientLevelDP(1.0, 1.0, 3, 3, 1e-3, tmp_path)
     assert dp.aggregate(1, current, _client_replies(current, [0.1, 0.2])) is None
     assert dp.ledger.verify() == [] and dp.guarantee is None
+
+
+def test_the_last_rounds_validation_is_the_final_validation_one_message_per_site(tmp_path):
+    """The final adapter is the last round's: its validation replies fill that round's record too."""
+    from fedfm.federation.workflow import RunRequest, serve
+
+    behaviour = {10: trains(0, 30, 1.0), 11: trains(1, 10, 3.0), 12: trains(2, 40, 0.0)}
+    runs = {}
+    for mode in ("false", "true"):
+        config, *_ = _run(tmp_path / mode, "federation.rounds=2", f"federation.validate_with_next_train={mode}",
+                          "eval.test=false", "eval.share_predictions=true", "federation.site_wait_s=0")
+        link = MemoryLink(behaviour)
+        serve(link, config, RunRequest(run_dir=tmp_path / mode / "run"))
+        runs[mode] = link, json.loads((tmp_path / mode / "run" / "results.json").read_text())
+    (two_link, two), (one_link, one) = runs["false"], runs["true"]
+    assert _without_times(one["rounds"]) == _without_times(two["rounds"]) and one["rounds"][-1]["val"]
+    assert one["validation"] == two["validation"]
+    kinds = lambda link: [(m.kind, m.config.get(SPLIT), m.config.get("server-round")) for m in link.sent]
+    # round 2's validation and the final one were two messages per site; now they are one
+    assert kinds(two_link).count(("evaluate", "val", 2)) == 3 and kinds(two_link).count(("evaluate", "val", None)) == 3
+    assert kinds(one_link)[-3:] == [("evaluate", "val", 2)] * 3 and len(one_link.sent) == len(two_link.sent) - 6

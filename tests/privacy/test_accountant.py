@@ -64,3 +64,20 @@ def test_client_level_reference_without_amplification():
     rounds = [StepBatch(1.0, 1.0, 1)] * 50
     assert SiteAccountant("rdp", rounds).epsilon(1e-3) == pytest.approx(49.4, abs=0.01)
     assert SiteAccountant("prv", rounds).epsilon(1e-3) == pytest.approx(46.0, abs=0.05)
+
+
+def test_the_same_history_is_computed_once_and_a_changed_one_afresh():
+    """A round's budget check and its ledger entry ask for the same history's epsilon: the second
+    is the first's number, not a second PRV computation; a history Opacus itself stepped is new."""
+    from fedfm.privacy.accountant import history_epsilon
+
+    site = SiteAccountant("prv", [StepBatch(0.93, 0.011, 77)])
+    projected = site.epsilon_after(StepBatch(0.93, 0.011, 33), 1e-5)
+    misses = history_epsilon.cache_info().misses
+    site.add(StepBatch(0.93, 0.011, 33))
+    assert site.epsilon(1e-5) == projected and history_epsilon.cache_info().misses == misses
+    for _ in range(5):
+        site.opacus.step(noise_multiplier=0.93, sample_rate=0.011)  # what the privacy engine does while training
+    reference = create_accountant("prv")
+    reference.history = [(0.93, 0.011, 115)]  # Opacus merges steps at the same noise and rate
+    assert site.epsilon(1e-5) == reference.get_epsilon(1e-5) > projected
