@@ -55,6 +55,7 @@ COPY pyproject.toml README.md ./
 COPY fedfm/ fedfm/
 COPY server/ server/
 COPY clients/ clients/
+COPY runtime/ runtime/
 COPY configs/ configs/
 RUN pip install -q -c /opt/venv/constraints.txt -e ".${FEDFM_EXTRAS:+[$FEDFM_EXTRAS]}" \
     && useradd --create-home --uid 10001 fedfm \

@@ -1,6 +1,6 @@
 """ClientApp: one hospital site. Messages in, calls on the site (``fedfm.site_calls``), messages out.
 
-In deployment (``FEDFM_SITE_WORKER=1``, set by ``python -m clients.supernode``) every message is a
+In deployment (``FEDFM_SITE_WORKER=1``, set by ``python -m runtime.supernode``) every message is a
 fresh process, so this one forwards the call to the site's long-lived worker
 (``fedfm.deploy.worker_client``) and imports nothing heavy itself; in simulation (a long-lived
 Ray actor) it makes the call in process.
@@ -26,10 +26,16 @@ _SITES: dict[str, object] = {}  # in process: the last run's site, like the work
 def process_age() -> float:
     """Seconds since this process started. In deployment Flower 1.42 starts one ClientApp process per
     message, so at the top of a handler this is its start-up (FAB install, imports). In simulation
-    the process is a long-lived Ray actor and the number is its age."""
-    import psutil
+    the process is a long-lived Ray actor and the number is its age. On Linux it is read against the
+    uptime clock (to 10 ms; ``psutil``'s start time adds the boot time, kept in whole seconds)."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+            return float(uptime.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        import psutil
 
-    return time.time() - psutil.Process().create_time()
+        return time.time() - psutil.Process().create_time()
 
 
 def in_process(request: dict) -> dict:

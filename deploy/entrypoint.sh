@@ -46,8 +46,8 @@ case "$role" in
     node_config="site-id=$SITE_ID ledger-dir=\"/ledger\" signing-key=\"$site_key\""
     [ -n "${SITE_DATA_PATH:-}" ] && node_config="$node_config data-path=\"$SITE_DATA_PATH\""
     [ -n "${SITE_BUDGET_EPSILON:-}" ] && node_config="$node_config budget-epsilon=$SITE_BUDGET_EPSILON"
-    # Flower's SuperNode with its 3 s idle wait shortened (clients/supernode.py)
-    exec python -m clients.supernode --root-certificates "$CERTS_DIR/ca.crt" --superlink "$SUPERLINK_ADDRESS" \
+    # Flower's SuperNode with its 3 s idle wait shortened (runtime/supernode.py)
+    exec python -m runtime.supernode --root-certificates "$CERTS_DIR/ca.crt" --superlink "$SUPERLINK_ADDRESS" \
       --auth-supernode-private-key "$site_key" --node-config "$node_config" "$@"
     ;;
   register)

@@ -191,7 +191,8 @@ class FederationConfig(_Section):
     trim_fraction: float = Field(0.2, ge=0, lt=0.5)
     max_update_bytes: int | None = Field(None, ge=1)  # a larger site update is refused before it is decoded
     # one message per site per round: a round's validation (eval.every_round) travels with the next
-    # round's train message (the same adapter); false: a separate evaluate message after training
+    # round's train message (the same adapter), the last round's with the final validation; false: a
+    # separate evaluate message after training
     validate_with_next_train: bool = True
 
 

@@ -1,5 +1,6 @@
 """Imports run one way: no fedfm module imports one of a higher layer (at module level or inside
-a function), the library imports no Flower, and server/ and clients/ import no private Flower name."""
+a function), the library imports no Flower, server/ and clients/ import no private Flower name, and
+runtime/ (launchers of Flower's own processes) does only under a check of the Flower release."""
 
 import ast
 from pathlib import Path
@@ -65,14 +66,30 @@ def test_the_library_imports_no_flower():
     assert flower == []
 
 
-def test_the_flower_glue_uses_public_names_only():
+def _private_flower_imports(path: Path) -> list[str]:
     private = []
-    for folder in ("server", "clients"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            for module, names in _imports(path):
-                if module.split(".")[0] != "flwr":
-                    continue
-                if module.split(".")[1:2] == ["supercore"] or any(p.startswith("_") for p in module.split(".")) \
-                        or any(n.startswith("_") for n in names):
-                    private.append(f"{path.relative_to(ROOT)}: {module} {names}")
+    for module, names in _imports(path):
+        if module.split(".")[0] != "flwr":
+            continue
+        if module.split(".")[1:2] == ["supercore"] or any(p.startswith("_") for p in module.split(".")) \
+                or any(n.startswith("_") for n in names):
+            private.append(f"{path.relative_to(ROOT)}: {module} {names}")
+    return private
+
+
+def test_the_flower_glue_uses_public_names_only():
+    private = [hit for folder in ("server", "clients") for path in sorted((ROOT / folder).rglob("*.py"))
+               for hit in _private_flower_imports(path)]
     assert private == []
+
+
+def test_the_runtime_launchers_reach_into_flower_only_for_the_release_they_were_written_for():
+    """runtime/ patches Flower's own processes (short waits, a ClientApp template): each module that
+    imports a Flower internal does so only under a check of the exact release."""
+    checked = []
+    for path in sorted((ROOT / "runtime").rglob("*.py")):
+        text = path.read_text()
+        if _private_flower_imports(path) or "flwr.supernode import" in text:
+            assert "flwr.__version__" in text and "PATCHED_FLWR" in text, f"{path}: no check of the Flower release"
+            checked.append(path.name)
+    assert checked == ["superexec.py", "supernode.py"]

@@ -3,11 +3,13 @@
 Per round (from results.json, what the sites reported with their train replies):
 
 - ``round_s``: the ServerApp's time for the round (training, validation, aggregation, checkpoint);
+  the last round's validation is the run's final validation (one evaluate message per site);
 - ``compute_s``: the slowest site's local training (sites train in parallel);
 - ``site_call_s``: the slowest site's whole train call in its site process: building the site
   (data, model) when it is new, the training, encoding the update;
 - ``process_start_s``: the slowest site's ClientApp process age when its train handler ran (Flower
-  1.42 starts a process per message; FAB install and imports);
+  1.42 starts a process per message, forked from a pre-imported template: ``runtime/superexec.py``;
+  then pulling the message, the FAB install check and loading the app);
 - ``rest_s``: round minus site call minus process start: waits (SuperLink, SuperNode, SuperExec
   polling), transfer over TLS, the validation message, aggregation and the checkpoint.
 
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 IDLE_S = 20.0
-QUIET_AFTER_S = 70.0  # clients/supernode.py: a minute without messages, Flower's own idle waits
+QUIET_AFTER_S = 70.0  # runtime/supernode.py: a minute without messages, Flower's own idle waits
 
 
 def idle_cpu_pct(procs: list) -> float:

@@ -322,7 +322,9 @@ def _apps(proc: Any, program: str) -> list[psutil.Process]:
     out = []
     for child in children:
         try:
-            if any(Path(part).name == program for part in child.cmdline()[:2]) and child.status() != psutil.STATUS_ZOMBIE:
+            named = child.name() == program[:15]  # a ClientApp forked from the SuperExec's template
+            if (named or any(Path(part).name == program for part in child.cmdline()[:2])) \
+                    and child.status() != psutil.STATUS_ZOMBIE:
                 out.append(child)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue

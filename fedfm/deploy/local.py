@@ -115,7 +115,7 @@ class LocalDeployment:
         """Site ``site``'s SuperNode, authenticating with its private key (or ``key``)."""
         items = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items())
         return self._start(site_name(site), [
-            sys.executable, "-m", "clients.supernode", "--root-certificates", str(self.dep.ca),
+            sys.executable, "-m", "runtime.supernode", "--root-certificates", str(self.dep.ca),
             "--superlink", f"127.0.0.1:{self.port}",
             "--auth-supernode-private-key", str(key or self.dep.private_key(site)),
             "--node-config", items, "--port", str(free_port()),

@@ -25,7 +25,7 @@ from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
 
-WORKER_ENV = "FEDFM_SITE_WORKER"  # "1": the ClientApp forwards to the worker (set by clients/supernode.py)
+WORKER_ENV = "FEDFM_SITE_WORKER"  # "1": the ClientApp forwards to the worker (set by runtime/supernode.py)
 WORKER_DIR_ENV = "FEDFM_WORKER_DIR"
 MAX_SOCKET_PATH = 107
 START_TIMEOUT_S = 300.0  # the worker's first import of torch, peft and opacus on a slow disk

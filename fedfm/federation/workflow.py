@@ -186,7 +186,7 @@ def validate_final(link: Link, adapter: Adapter, config: ExperimentConfig, recor
         wanted = set(last.nodes)
         coordinator.receive_evaluate(last.server_round, [
             Reply(r.node, metrics=round_metrics(r.metrics), error_code=r.error_code, error_reason=r.error_reason)
-            for r in replies if r.node in wanted])
+            for r in replies if r.node in wanted], timed=False)  # the round ended with its training
     evaluations = site_evaluations(replies, "validation", stats)
     recorder.record_transfer(link.wire_bytes(adapter), len(evaluations))
     calibration = fit_calibration(sum_statistics(stats)) if config.eval.calibrate and stats else None

@@ -1,11 +1,11 @@
-"""``python -m clients.supernode``: Flower's SuperNode, its hard-coded waits capped (Flower 1.42.0 only)."""
+"""``python -m runtime.supernode``: Flower's SuperNode, its hard-coded waits capped (Flower 1.42.0 only)."""
 
 import time
 
 import flwr
 import pytest
 
-from clients import supernode
+from runtime import supernode
 
 
 def test_capped_sleep_waits_at_most_the_cap_and_keeps_the_rest_of_time():
@@ -58,3 +58,42 @@ def test_another_flower_release_keeps_its_own_waits(monkeypatch):
     with pytest.warns(UserWarning, match="keeps Flower's own waits"):
         assert supernode.shorten_waits() is False
     assert start_client_internal.time is time
+
+
+def test_the_superexec_polls_briefly_while_clientapps_launch_and_at_flowers_pace_after_a_quiet_minute(monkeypatch):
+    from runtime.superexec import TaskPolls
+
+    clock = [100.0]
+    slept = []
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(time, "sleep", lambda seconds: slept.append(seconds))
+    polls = TaskPolls(busy_s=0.1, idle_s=1.0, idle_after_s=60)
+    loop_time = polls.time_module()
+    loop_time.sleep(0.25)  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL, just started: a run is coming
+    clock[0] += 61
+    loop_time.sleep(0.25)  # a quiet minute: Flower's pace
+    polls.launched()  # a ClientApp
+    loop_time.sleep(0.25)
+    clock[0] += 30
+    loop_time.sleep(0.05)  # never longer than asked while busy
+    assert slept == [0.1, 1.0, 0.1, 0.05]
+    assert loop_time.time is time.time
+
+
+def test_every_clientapp_launch_counts_as_activity(monkeypatch):
+    if flwr.__version__ != supernode.PATCHED_FLWR:
+        pytest.skip(f"the template applies to flwr {supernode.PATCHED_FLWR} only")
+    from flwr.supercore.superexec.executor import subprocess_executor
+
+    from runtime import superexec
+
+    class Template:
+        def launch(self, args, quiet):
+            return 4242
+
+    polls = superexec.TaskPolls(idle_after_s=60)
+    polls.last_launch = 0.0
+    monkeypatch.setattr(subprocess_executor, "subprocess", subprocess_executor.subprocess)
+    superexec.use_template(Template(), polls)
+    assert subprocess_executor.subprocess.Popen(["flwr-clientapp", "--token", "t"]).pid == 4242
+    assert time.monotonic() - polls.last_launch < 5

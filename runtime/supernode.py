@@ -1,4 +1,4 @@
-"""``python -m clients.supernode [flower-supernode arguments]``: Flower's SuperNode with short waits.
+"""``python -m runtime.supernode [flower-supernode arguments]``: Flower's SuperNode with short waits.
 
 Flower 1.42.0's SuperNode sleeps 3 s whenever a pull from the SuperLink finds no message and
 0.5 s between checks for its ClientApp's reply (``flwr/supernode/start_client_internal.py``,
@@ -7,9 +7,10 @@ of compute, so these waits were most of it. While messages come (a run), the wai
 a minute after the last, the SuperNode polls at Flower's pace again. This launcher turns on the site's long-lived worker
 (``FEDFM_SITE_WORKER=1``: see ``fedfm/deploy/worker_client.py``), caps those sleeps at ``WAIT_S`` and sets
 the SuperExec's interval (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, its documented variable) before
-running the unmodified ``flower-supernode`` command. The cap relies on a private module of one
-Flower release, so it applies only to that release (``PATCHED_FLWR``); any other version runs
-Flower as it is, with a warning.
+running the unmodified ``flower-supernode`` command, whose SuperExec starts each ClientApp from a
+pre-imported template (``runtime/superexec.py``). The cap and the template rely on private modules
+of one Flower release, so they apply only to that release (``PATCHED_FLWR``); any other version
+runs Flower as it is, with a warning.
 """
 
 from __future__ import annotations
@@ -69,8 +70,22 @@ def shorten_waits(cap: float = WAIT_S) -> bool:
     return True
 
 
+def use_clientapp_template() -> None:
+    """Start this SuperNode's SuperExec as ``runtime/superexec.py`` (its ClientApps forked from a
+    pre-imported template): a ``flower-superexec`` of ours first on the PATH it is started from."""
+    import hashlib
+
+    from runtime.superexec import launcher_dir
+    from fedfm.deploy.worker_client import worker_dir
+
+    python = hashlib.sha256(sys.executable.encode()).hexdigest()[:12]  # one per Python environment
+    folder = launcher_dir(worker_dir() / f"bin-{python}")
+    os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 def main() -> None:
-    shorten_waits(float(os.environ.get(WAIT_ENV) or WAIT_S))
+    if shorten_waits(float(os.environ.get(WAIT_ENV) or WAIT_S)):
+        use_clientapp_template()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv[0] = "flower-supernode"

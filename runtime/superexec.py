@@ -1,0 +1,224 @@
+"""``python -m runtime.superexec [flower-superexec arguments]``: Flower's SuperExec, whose ClientApp
+processes start already imported.
+
+Flower 1.42 runs every message in a new ``flwr-clientapp`` process, and about a second of its start
+is importing Flower itself (more when the sites of a machine start theirs at once). Before the
+SuperExec opens any connection or thread, this launcher imports what every ClientApp process
+imports and forks a *template*: a single-threaded process that only waits for launch requests.
+The SuperExec's subprocess executor then asks the template for each ClientApp, and the template
+forks a child that runs the unmodified ``flwr-clientapp`` entry point with the arguments the
+executor would have passed to it. Nothing of the app is imported ahead: its modules (``clients``,
+``fedfm``) are dropped from the template, so each ClientApp loads them from its own FAB as before.
+
+Between two looks for a task the SuperExec sleeps ``BUSY_POLL_S`` while ClientApps are being
+launched and Flower's own second after a quiet minute (``TaskPolls``).
+
+When the template is gone, or anything about a request fails, the executor starts the process the
+way Flower does. The executor and the loop are private code of one Flower release, so both are changed
+only with that release (``runtime.supernode.PATCHED_FLWR``); with any other, Flower runs as it is.
+``runtime/supernode.py`` puts this launcher first on the SuperNode's ``PATH`` as
+``flower-superexec`` (``launcher_dir``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+import types
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+log = logging.getLogger("fedfm")
+
+CLIENTAPP = "flwr-clientapp"
+APP_PACKAGES = ("clients", "fedfm")  # loaded by each ClientApp from its FAB, never ahead
+TEMPLATE_ENV = "FEDFM_CLIENTAPP_TEMPLATE"  # "0": start ClientApps the way Flower does
+BUSY_POLL_S = 0.1  # while ClientApps are launched: the next task is looked for 10 times a second
+IDLE_POLL_S = 1.0  # Flower's own interval, once ...
+IDLE_AFTER_S = 60.0  # ... this long has passed without a launch
+
+
+class TaskPolls:
+    """The SuperExec's sleep between two looks for a task: short while its SuperNode's ClientApps
+    are being launched (a run), Flower's own pace once ``idle_after_s`` has passed without one, so
+    an idle federation costs next to nothing. The first task after a quiet spell waits one idle poll."""
+
+    def __init__(self, busy_s: float = BUSY_POLL_S, idle_s: float = IDLE_POLL_S, idle_after_s: float = IDLE_AFTER_S):
+        self.busy_s, self.idle_s, self.idle_after_s = busy_s, idle_s, idle_after_s
+        self.last_launch = time.monotonic()
+
+    def launched(self) -> None:
+        self.last_launch = time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        if time.monotonic() - self.last_launch > self.idle_after_s:
+            time.sleep(max(float(seconds), self.idle_s))
+        else:
+            time.sleep(min(float(seconds), self.busy_s))
+
+    def time_module(self) -> types.ModuleType:
+        """A stand-in for the ``time`` module of the SuperExec's loop, with this ``sleep``."""
+        shim = types.ModuleType("time")
+        shim.__dict__.update({k: v for k, v in vars(time).items() if not k.startswith("__")})
+        shim.sleep = self.sleep
+        return shim
+
+
+class Template:
+    """The forking template, seen from the SuperExec: ``launch`` asks it for one ClientApp process."""
+
+    def __init__(self, pid: int, conn: Connection) -> None:
+        self.pid, self.conn = pid, conn
+
+    @classmethod
+    def start(cls) -> Template:
+        from flwr.supernode.cli import flwr_clientapp  # noqa: F401  what every ClientApp process imports
+        import numpy  # noqa: F401  (and its app's first import)
+
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the template
+            ours.close()
+            code = 0
+            try:
+                serve(Connection(theirs.detach()))
+            except BaseException:  # noqa: BLE001  a template never returns into the SuperExec's code
+                code = 1
+            os._exit(code)
+        theirs.close()
+        return cls(pid, Connection(ours.detach()))
+
+    def launch(self, args: list[str], quiet: bool) -> int:
+        """Fork a ClientApp process running ``flwr-clientapp`` with ``args``; its pid."""
+        self.conn.send((list(args), bool(quiet)))
+        pid = self.conn.recv()
+        if not isinstance(pid, int) or pid <= 0:
+            raise OSError(f"the ClientApp template could not start a process: {pid!r}")
+        return pid
+
+
+def serve(conn: Connection) -> None:
+    """The template's loop: one forked ClientApp per request, until the SuperExec goes away."""
+    for name in [m for m in sys.modules if m.split(".")[0] in APP_PACKAGES]:
+        del sys.modules[name]  # the app comes from each run's FAB
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the template's children are reaped as they exit
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the SuperExec, whose exit ends this loop
+    while True:
+        try:
+            args, quiet = conn.recv()
+        except (EOFError, OSError):
+            return  # the SuperExec has exited
+        try:
+            pid = os.fork()
+        except OSError as err:
+            conn.send(str(err))
+            continue
+        if pid == 0:
+            conn.close()
+            os._exit(run_clientapp(args, quiet))
+        conn.send(pid)
+
+
+def name_process(name: str) -> None:
+    """Give this process the name ``ps``, ``pgrep`` and psutil's ``name()`` show (Linux; 15 bytes),
+    so that a forked ClientApp is found by name as a started one is: its command line stays the
+    SuperExec's."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def run_clientapp(args: list[str], quiet: bool) -> int:
+    """In a forked child: Flower's ``flwr-clientapp`` command with ``args``; its exit code."""
+    name_process(CLIENTAPP)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if quiet:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    from flwr.supernode.cli import flwr_clientapp
+
+    sys.argv = [CLIENTAPP, *args[1:]]
+    code = 0
+    try:
+        flwr_clientapp()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except BaseException:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()  # what the interpreter's exit would run; the template's caller never returns
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def use_template(template: Template, polls: TaskPolls | None = None) -> None:
+    """Make the SuperExec's subprocess executor start ClientApps from ``template`` (and tell
+    ``polls`` of each launch)."""
+    import subprocess
+
+    from flwr.supercore.superexec.executor import subprocess_executor
+
+    class Popen:  # what the executor calls; ClientApps come from the template, anything else as before
+        def __init__(self, args, **kwargs):
+            if polls is not None:
+                polls.launched()
+            if args and args[0] == CLIENTAPP and set(kwargs) <= {"stdout", "stderr"}:
+                try:
+                    self.pid = template.launch(args, quiet=bool(kwargs))
+                    return
+                except (OSError, EOFError, ValueError) as err:
+                    log.warning("the ClientApp template failed (%s): starting %s as a new process", err, CLIENTAPP)
+            self.pid = subprocess.Popen(args, **kwargs).pid  # noqa: S603
+
+    subprocess_executor.subprocess = type(sys)("subprocess")
+    subprocess_executor.subprocess.Popen = Popen
+    subprocess_executor.subprocess.DEVNULL = subprocess.DEVNULL
+
+
+def launcher_dir(folder: Path) -> Path:
+    """A folder holding ``flower-superexec`` that runs this launcher with this Python (put it first on PATH)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    script = folder / "flower-superexec"
+    text = f"#!{sys.executable}\nfrom runtime.superexec import main\nmain()\n"
+    if not script.exists() or script.read_text() != text:
+        part = folder / f".flower-superexec.{os.getpid()}"
+        part.write_text(text)
+        part.chmod(stat.S_IRWXU)
+        os.replace(part, script)
+    return folder
+
+
+def main() -> None:
+    import flwr
+
+    from runtime.supernode import PATCHED_FLWR
+
+    if flwr.__version__ == PATCHED_FLWR and os.environ.get(TEMPLATE_ENV, "1") != "0":
+        from flwr.supercore.superexec import run_superexec
+
+        polls = TaskPolls()
+        use_template(Template.start(), polls)
+        run_superexec.time = polls.time_module()
+    from flwr.supercore.cli import flower_superexec
+
+    sys.argv[0] = "flower-superexec"
+    sys.exit(flower_superexec())
+
+
+if __name__ == "__main__":
+    main()
