@@ -3,6 +3,7 @@ a function), the library imports no Flower, server/ and clients/ import no priva
 runtime/ (launchers of Flower's own processes) does only under a check of the Flower release."""
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,3 +94,14 @@ def test_the_runtime_launchers_reach_into_flower_only_for_the_release_they_were_
             assert "flwr.__version__" in text and "PATCHED_FLWR" in text, f"{path}: no check of the Flower release"
             checked.append(path.name)
     assert checked == ["superexec.py", "supernode.py"]
+
+
+SITE_NAME_MADE = re.compile(r"""f["']site-\{|["']site-["']\s*\+|\.rsplit\(["']-["']""")
+
+
+def test_only_the_protocol_builds_or_parses_a_site_name():
+    """One spelling of a site's name (site-K), made and read in fedfm/protocol.py alone."""
+    found = [f"{path.relative_to(ROOT)}:{number}" for folder in ("fedfm", "server", "clients", "runtime")
+             for path in sorted((ROOT / folder).rglob("*.py")) if path != ROOT / "fedfm" / "protocol.py"
+             for number, line in enumerate(path.read_text().splitlines(), 1) if SITE_NAME_MADE.search(line)]
+    assert found == []

@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
+from fedfm.protocol import site_name
+
 KILL_CLIENTAPP = "kill-clientapp"  # SIGKILL a site's ClientApp process (the one training) mid-round
 RESTART_SUPERNODE = "restart-supernode"  # SIGKILL a site's SuperNode and its apps, restart it with the same key
 KILL_COORDINATOR = "kill-coordinator"  # SIGKILL the SuperLink and its ServerApp mid-run; restart, resume
@@ -46,7 +48,7 @@ class Fault:
         return self.kind in SITE_SIDE
 
     def describe(self) -> str:
-        where = f"site-{self.site}" if self.site_side else "coordinator"
+        where = site_name(self.site) if self.site_side else "coordinator"
         extra = {KILL_IN_LEDGER_WRITE: f" at {self.point} ({self.fraction:.0%} written)",
                  KILL_IN_CHECKPOINT_WRITE: f" at {self.point} ({self.fraction:.0%} written)",
                  RESTART_SUPERNODE: f" {self.delay_s:.1f} s in, down {self.pause_s:.1f} s",
