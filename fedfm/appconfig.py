@@ -20,6 +20,15 @@ from fedfm.config import ConfigError, ExperimentConfig, load_config, validate_co
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
+# A site's node config (set by its operator on the SuperNode: --node-config 'site-id=0 ...')
+NODE_SITE_ID = "site-id"
+NODE_PARTITION_ID = "partition-id"  # what Flower's simulation engine supplies instead
+NODE_DATA_PATH = "data-path"
+NODE_LEDGER_DIR = "ledger-dir"
+NODE_BUDGET_EPSILON = "budget-epsilon"
+NODE_SIGNING_KEY = "signing-key"
+NODE_HEADS_DIR = "heads-dir"
+
 
 def split_overrides(text: str) -> list[str]:
     return [item.strip() for item in text.split(";") if item.strip()]
@@ -36,7 +45,7 @@ def experiment_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfi
 
 
 def site_id_from_node_config(node_config: Mapping[str, Any]) -> int:
-    for key in ("site-id", "partition-id"):
+    for key in (NODE_SITE_ID, NODE_PARTITION_ID):
         if key in node_config:
             return int(node_config[key])
     raise ConfigError("node config has neither 'site-id' nor 'partition-id' (start the SuperNode with --node-config 'site-id=0')")
@@ -45,18 +54,18 @@ def site_id_from_node_config(node_config: Mapping[str, Any]) -> int:
 def apply_node_config(config: ExperimentConfig, node_config: Mapping[str, Any]) -> ExperimentConfig:
     """Per-site settings a hospital controls itself: its data path and its privacy budget."""
     raw = config.model_dump()
-    if node_config.get("data-path"):
-        raw["data"]["path"] = str(node_config["data-path"])
-    if node_config.get("budget-epsilon"):
+    if node_config.get(NODE_DATA_PATH):
+        raw["data"]["path"] = str(node_config[NODE_DATA_PATH])
+    if node_config.get(NODE_BUDGET_EPSILON):
         # the hospital's own budget overrides anything the coordinator's config says for it
-        raw["privacy"]["budget"]["epsilon"] = float(node_config["budget-epsilon"])
+        raw["privacy"]["budget"]["epsilon"] = float(node_config[NODE_BUDGET_EPSILON])
         raw["privacy"]["budget"]["sites"] = {}
     return validate_config(raw)
 
 
 def ledger_dir(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Path:
-    if node_config.get("ledger-dir"):
-        return Path(str(node_config["ledger-dir"]))
+    if node_config.get(NODE_LEDGER_DIR):
+        return Path(str(node_config[NODE_LEDGER_DIR]))
     if run_config.get("ledger-dir"):  # runs of one search share the sites' ledgers
         return Path(str(run_config["ledger-dir"]))
     return Path(str(run_config.get("out-dir") or "runs/flwr")) / "ledger"

@@ -27,7 +27,7 @@ from fedfm.config import ExperimentConfig
 from fedfm.data import SiteData, Split, load_sites
 from fedfm.models import adapter_state_dict
 from fedfm.results import SiteEvaluation, pooled_summary, summarize_site_test, worst_site, write_json
-from fedfm.protocol import site_name, sorted_sites
+from fedfm.protocol import EPSILON, TRAIN_LOSS, site_name, sorted_sites
 from fedfm.site import BudgetExhausted, Site
 
 IN_PROCESS = ("local", "centralized", "centralized_nodp")
@@ -65,7 +65,7 @@ def train_alone(site: Site, rounds: int, log_prefix: str = "") -> tuple[dict[str
         except BudgetExhausted as refusal:
             return adapter, history, str(refusal)
         adapter = site.method.combine(adapter, [(reply.adapter, 1.0)])  # a federation of one site
-        entry = {"round": server_round, "train_loss": reply.metrics["train-loss"], "epsilon": reply.metrics["epsilon"]}
+        entry = {"round": server_round, "train_loss": reply.metrics[TRAIN_LOSS], "epsilon": reply.metrics[EPSILON]}
         history.append(entry)
         print(f"[fedfm] {log_prefix}round {server_round}/{rounds}: train loss {entry['train_loss']:.4f}, "
               f"epsilon {entry['epsilon']:.3f}", flush=True)

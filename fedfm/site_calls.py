@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfm.appconfig import apply_node_config, experiment_from_run_config, ledger_dir, site_id_from_node_config
+from fedfm.appconfig import (
+    NODE_HEADS_DIR,
+    NODE_SIGNING_KEY,
+    apply_node_config,
+    experiment_from_run_config,
+    ledger_dir,
+    site_id_from_node_config,
+)
 from fedfm.eval.calibration import calibrated_metrics, calibration_from, site_statistics
 from fedfm.privacy.heads import LedgerRolledBack
 from fedfm.protocol import (
@@ -53,9 +60,9 @@ class Outcome:
 def build_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], run_id: str) -> Site:
     """The site a SuperNode's node config names, for the run its run config describes."""
     config = apply_node_config(experiment_from_run_config(run_config), node_config)
-    key = node_config.get("signing-key") or None  # deployment: the SuperNode's private key
+    key = node_config.get(NODE_SIGNING_KEY) or None  # deployment: the SuperNode's private key
     return Site(config, site_id_from_node_config(node_config), ledger_dir(run_config, node_config),
-                signing_key=key, run_id=str(run_id), heads_dir=node_config.get("heads-dir") or None)
+                signing_key=key, run_id=str(run_id), heads_dir=node_config.get(NODE_HEADS_DIR) or None)
 
 
 def as_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -105,3 +105,26 @@ def test_only_the_protocol_builds_or_parses_a_site_name():
              for path in sorted((ROOT / folder).rglob("*.py")) if path != ROOT / "fedfm" / "protocol.py"
              for number, line in enumerate(path.read_text().splitlines(), 1) if SITE_NAME_MADE.search(line)]
     assert found == []
+
+
+def _protocol_keys() -> set[str]:
+    """The message and metric keys fedfm/protocol.py defines (hyphenated string constants)."""
+    keys = set()
+    for node in ast.parse((ROOT / "fedfm" / "protocol.py").read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str) \
+                and re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)+", node.value.value):
+            keys.add(node.value.value)
+    return keys
+
+
+def test_only_the_protocol_spells_a_message_key():
+    """Every other module names a key by its constant. appconfig.py is the node config's home, whose
+    keys (site-id, budget-epsilon, ...) an operator types on the SuperNode's command line."""
+    keys = _protocol_keys()
+    assert {"site-id", "train-loss", "num-examples", "ledger-head"} <= keys
+    quoted = re.compile(r"""["'](%s)["']""" % "|".join(map(re.escape, sorted(keys))))
+    found = [f"{path.relative_to(ROOT)}:{number}: {match.group(1)}" for folder in ("fedfm", "server", "clients", "runtime")
+             for path in sorted((ROOT / folder).rglob("*.py"))
+             if path not in (ROOT / "fedfm" / "protocol.py", ROOT / "fedfm" / "appconfig.py")
+             for number, line in enumerate(path.read_text().splitlines(), 1) for match in quoted.finditer(line)]
+    assert found == []

@@ -13,6 +13,7 @@ import numpy as np
 
 from fedfm.audit.ledgers import find_ledgers
 from fedfm.privacy.tuning import ORDERS, composed_epsilon, ps_epsilon_of_curve, trial_rdp
+from fedfm.protocol import NOISE_MULTIPLIER, SAMPLE_RATE, STEPS
 
 TUNING_FILE = "tuning.json"  # a search's trial table, beside the final run's results.json
 
@@ -55,8 +56,8 @@ def _run_rdp(run_dir: Path, site: str, lams) -> Any:
         return curve
     for entry in json.loads(path.read_text()).get("rounds", []):
         m = entry.get("train", {}).get(site)
-        if m and m.get("noise-multiplier"):
-            curve += trial_rdp(float(m["noise-multiplier"]), float(m["sample-rate"]), int(m["steps"]), lams)
+        if m and m.get(NOISE_MULTIPLIER):
+            curve += trial_rdp(float(m[NOISE_MULTIPLIER]), float(m[SAMPLE_RATE]), int(m[STEPS]), lams)
     return curve
 
 

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedfm.protocol import PROCESS_AGE, SITE_CALL_SECONDS, TRAIN_SECONDS
+
 IDLE_S = 20.0
 QUIET_AFTER_S = 70.0  # runtime/supernode.py: a minute without messages, Flower's own idle waits
 
@@ -111,9 +113,9 @@ def deployment_rounds(sites: int = 3, rounds: int = 4, image_size: int = 16) -> 
         train = entry["train"].values()
         round_s = entry["elapsed_s"] - previous
         previous = entry["elapsed_s"]
-        compute = max(m["train-seconds"] for m in train)
-        call = max(m.get("site-call-s", m["train-seconds"]) for m in train)
-        start = max(m["process-age-s"] for m in train)
+        compute = max(m[TRAIN_SECONDS] for m in train)
+        call = max(m.get(SITE_CALL_SECONDS, m[TRAIN_SECONDS]) for m in train)
+        start = max(m[PROCESS_AGE] for m in train)
         rows.append({"round": entry["round"], "round_s": round_s, "compute_s": compute, "site_call_s": call,
                      "process_start_s": start, "rest_s": round_s - call - start, "minus_compute_s": round_s - compute})
     later = rows[1:] or rows

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfm.bench.steps import peak_rss_mb
+from fedfm.protocol import CACHE_BUILD_SECONDS, CACHE_BYTES, STEPS, TRAIN_SECONDS
 
 
 def measure_step(backbone: str, image_size: int, batch: int, dp: bool, cached: bool, steps: int) -> dict[str, Any]:
@@ -111,10 +112,10 @@ def site_round(config_path: str, backbone: str, cached: bool, overrides: list[st
     second = Site(config, 0, folder).train(state, 2).metrics
     wall = time.perf_counter() - started
     return {"backbone": backbone, "cache": cached, "image_size": config.data.image_size,
-            "n_train": len(site.data.train), "steps": second["steps"],
-            "first_round_train_s": first["train-seconds"], "round_train_s": second["train-seconds"],
+            "n_train": len(site.data.train), "steps": second[STEPS],
+            "first_round_train_s": first[TRAIN_SECONDS], "round_train_s": second[TRAIN_SECONDS],
             "round_wall_s": wall,
-            "cache_build_s": first.get("cache-build-seconds", 0.0), "cache_mb": first.get("cache-bytes", 0) / 1e6,
+            "cache_build_s": first.get(CACHE_BUILD_SECONDS, 0.0), "cache_mb": first.get(CACHE_BYTES, 0) / 1e6,
             "peak_rss_mb": peak_rss_mb()}
 
 

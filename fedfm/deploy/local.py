@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedfm.appconfig import APP_DIR
+from fedfm.appconfig import APP_DIR, NODE_DATA_PATH, NODE_LEDGER_DIR, NODE_SIGNING_KEY, NODE_SITE_ID
 from fedfm.config import ConfigError, ExperimentConfig
 from fedfm.deploy.init import CONNECTION, Deployment, init_deployment, write_connection
 from fedfm.protocol import site_name
@@ -177,11 +177,11 @@ class LocalDeployment:
 def site_node_config(config: ExperimentConfig, site: int, ledger_dir: Path,
                      signing_key: Path | None = None) -> dict[str, str | int | float]:
     """Site ``site``'s node config; ``signing_key``: the SuperNode's private key, which signs its ledger."""
-    node: dict[str, str | int | float] = {"site-id": site, "ledger-dir": str(ledger_dir)}
+    node: dict[str, str | int | float] = {NODE_SITE_ID: site, NODE_LEDGER_DIR: str(ledger_dir)}
     if signing_key is not None:
-        node["signing-key"] = str(signing_key)
+        node[NODE_SIGNING_KEY] = str(signing_key)
     if config.data.path:
-        node["data-path"] = config.data.path
+        node[NODE_DATA_PATH] = config.data.path
     return node
 
 
