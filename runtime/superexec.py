@@ -38,7 +38,7 @@ log = logging.getLogger("fedfm")
 
 CLIENTAPP = "flwr-clientapp"
 APP_PACKAGES = ("clients", "fedfm")  # loaded by each ClientApp from its FAB, never ahead
-TEMPLATE_ENV = "FEDFM_CLIENTAPP_TEMPLATE"  # "0": start ClientApps the way Flower does
+TEMPLATE_ENV = "FEDFM_CLIENTAPP_TEMPLATE"  # "1" (on the SuperNode): ClientApps from the template; else as Flower starts them
 BUSY_POLL_S = 0.1  # while ClientApps are launched: the next task is looked for 10 times a second
 IDLE_POLL_S = 1.0  # Flower's own interval, once ...
 IDLE_AFTER_S = 60.0  # ... this long has passed without a launch
@@ -208,7 +208,7 @@ def main() -> None:
 
     from runtime.supernode import PATCHED_FLWR
 
-    if flwr.__version__ == PATCHED_FLWR and os.environ.get(TEMPLATE_ENV, "1") != "0":
+    if flwr.__version__ == PATCHED_FLWR and os.environ.get(TEMPLATE_ENV, "1") != "0":  # the SuperNode chose it
         from flwr.supercore.superexec import run_superexec
 
         polls = TaskPolls()
