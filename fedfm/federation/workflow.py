@@ -16,10 +16,10 @@ from fedfm.eval.calibration import Calibration, calibration_config, fit_calibrat
 from fedfm.federation.aggregate import Adapter
 from fedfm.federation.coordinator import Coordinator, build_coordinator
 from fedfm.federation.link import EVALUATE, TRAIN, Link, Outgoing
+from fedfm.federation.replies import Reply
 from fedfm.global_model import run_method
 from fedfm.models import adapter_state_dict, full_model_bytes
 from fedfm.privacy.anchors import AnchorLog
-from fedfm.federation.replies import Reply
 from fedfm.protocol import CALIBRATION_STATS, RETURN_PREDICTIONS, SPLIT, decode_eval_reply, round_metrics
 from fedfm.results import RunRecorder, SiteEvaluation
 from fedfm.transport import encode
