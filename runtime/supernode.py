@@ -8,9 +8,11 @@ a minute after the last, the SuperNode polls at Flower's pace again. This launch
 (``FEDFM_SITE_WORKER=1``: see ``fedfm/deploy/worker_client.py``), caps those sleeps at ``WAIT_S`` and sets
 the SuperExec's interval (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, its documented variable) before
 running the unmodified ``flower-supernode`` command, whose SuperExec starts each ClientApp from a
-pre-imported template (``runtime/superexec.py``). The cap and the template rely on private modules
-of one Flower release, so they apply only to that release (``PATCHED_FLWR``); any other version
-runs Flower as it is, with a warning.
+pre-imported template (``runtime/superexec.py``; ``FEDFM_CLIENTAPP_TEMPLATE=0`` starts them as
+Flower does). It also makes the loop push a reply it would otherwise leave behind after a
+SuperLink restart (``push_every_reply``). The cap, the push and the template rely on private
+modules of one Flower release, so they apply only to that release (``PATCHED_FLWR``); any other
+version runs Flower as it is, with a warning.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import time
 import types
 import warnings
+from collections.abc import Callable
 
 from fedfm.deploy.worker_client import WORKER_ENV
 
@@ -54,8 +57,38 @@ def capped_time(cap: float, idle_after_s: float = IDLE_AFTER_S) -> types.ModuleT
     return shim
 
 
+def replies_waiting(state) -> bool:
+    """Whether the SuperNode's state holds a ClientApp reply that no push has taken yet (a peek:
+    Flower's own getter marks what it returns as taken)."""
+    with state.lock_msg_store:
+        return any(not entry.is_retrieved and entry.message.metadata.reply_to_message_id
+                   for entry in state.msg_store.values())
+
+
+def push_every_reply(pull_and_store: Callable[..., int | None]) -> Callable[..., int | None]:
+    """Wrap the SuperNode loop's pull so that a reply the loop would never push is pushed.
+
+    Flower 1.42.0's loop pushes replies only right after it pulled a message, and then only those
+    ready at that moment. A message of a run that has ended since it was sent (what a restarted
+    SuperLink delivers again) is still stored and its task still created before the SuperLink's
+    refusal is noticed, so a ClientApp answers it; that reply alone is then pushed after the next
+    run's message, whose own reply waits for a pull that never comes: the ServerApp waits out its
+    round timeout. With this wrapper an empty pull still leads to a push whenever a reply waits."""
+
+    def pull(*args, **kwargs) -> int | None:
+        run_id = pull_and_store(*args, **kwargs)
+        state = kwargs.get("state")
+        if run_id is None and state is not None and replies_waiting(state):
+            return 0  # the loop only asks "was anything pulled?": push what is waiting
+        return run_id
+
+    pull.wrapped = pull_and_store
+    return pull
+
+
 def shorten_waits(cap: float = WAIT_S) -> bool:
-    """Cap the SuperNode loop's sleeps (Flower PATCHED_FLWR only); True when applied."""
+    """Cap the SuperNode loop's sleeps and have it push every waiting reply (``push_every_reply``)
+    (Flower PATCHED_FLWR only); True when applied."""
     import flwr
 
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_S)
@@ -67,6 +100,8 @@ def shorten_waits(cap: float = WAIT_S) -> bool:
     from flwr.supernode import start_client_internal
 
     start_client_internal.time = capped_time(cap)
+    if not hasattr(start_client_internal._pull_and_store_message, "wrapped"):
+        start_client_internal._pull_and_store_message = push_every_reply(start_client_internal._pull_and_store_message)
     return True
 
 
@@ -86,9 +121,7 @@ def use_clientapp_template() -> None:
 def main() -> None:
     from runtime.superexec import TEMPLATE_ENV
 
-    # The template is opt-in: in one fresh-clone CI run the coordinator-restart deployment test hung
-    # with it (a site's ClientApp of the resumed run never replied), as a forking SuperExec had once before.
-    if shorten_waits(float(os.environ.get(WAIT_ENV) or WAIT_S)) and os.environ.get(TEMPLATE_ENV) == "1":
+    if shorten_waits(float(os.environ.get(WAIT_ENV) or WAIT_S)) and os.environ.get(TEMPLATE_ENV, "1") != "0":
         use_clientapp_template()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

@@ -8,8 +8,8 @@ Per round (from results.json, what the sites reported with their train replies):
 - ``site_call_s``: the slowest site's whole train call in its site process: building the site
   (data, model) when it is new, the training, encoding the update;
 - ``process_start_s``: the slowest site's ClientApp process age when its train handler ran (Flower
-  1.42 starts a process per message: imports, or a fork of a pre-imported template with
-  ``FEDFM_CLIENTAPP_TEMPLATE=1`` (``runtime/superexec.py``); then pulling the message, the FAB
+  1.42 starts a process per message: a fork of a pre-imported template (``runtime/superexec.py``),
+  or all its imports with ``FEDFM_CLIENTAPP_TEMPLATE=0``; then pulling the message, the FAB
   install check and loading the app);
 - ``rest_s``: round minus site call minus process start: waits (SuperLink, SuperNode, SuperExec
   polling), transfer over TLS, the validation message, aggregation and the checkpoint.

@@ -39,6 +39,7 @@ def test_the_supernode_loop_sleeps_briefly_and_its_superexec_polls_often(monkeyp
     monkeypatch.delenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", raising=False)
     monkeypatch.delenv("FEDFM_SITE_WORKER", raising=False)
     monkeypatch.setattr(start_client_internal, "time", time)  # restored after the test
+    monkeypatch.setattr(start_client_internal, "_pull_and_store_message", start_client_internal._pull_and_store_message)
     assert supernode.shorten_waits(0.05) == (flwr.__version__ == supernode.PATCHED_FLWR)
     import os
 
