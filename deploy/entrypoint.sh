@@ -33,7 +33,8 @@ role=${1:-}
 [ $# -gt 0 ] && shift
 case "$role" in
   superlink)
-    exec flower-superlink \
+    # Flower's SuperLink whose ServerApps wait less for the sites' replies (runtime/superlink.py)
+    exec python -m runtime.superlink \
       --ssl-ca-certfile "$CERTS_DIR/ca.crt" --ssl-certfile "$CERTS_DIR/superlink.crt" \
       --ssl-keyfile "$CERTS_DIR/superlink.key" --enable-supernode-auth \
       --database /state/state.db --host 0.0.0.0 --port "${SUPERLINK_PORT:-9093}" \

@@ -15,7 +15,7 @@ launched and Flower's own second after a quiet minute (``TaskPolls``).
 
 When the template is gone, or anything about a request fails, the executor starts the process the
 way Flower does. The executor and the loop are private code of one Flower release, so both are changed
-only with that release (``runtime.supernode.PATCHED_FLWR``); with any other, Flower runs as it is.
+only with that release (``PATCHED_FLWR``); with any other, Flower runs as it is.
 ``runtime/supernode.py`` puts this launcher first on the SuperNode's ``PATH`` as
 ``flower-superexec`` (``launcher_dir``).
 """
@@ -36,12 +36,15 @@ from pathlib import Path
 
 log = logging.getLogger("fedfm")
 
+PATCHED_FLWR = "1.42.0"  # the one Flower release whose private code runtime/ changes
 CLIENTAPP = "flwr-clientapp"
+SERVERAPP = "flwr-serverapp"
 APP_PACKAGES = ("clients", "fedfm")  # loaded by each ClientApp from its FAB, never ahead
 TEMPLATE_ENV = "FEDFM_CLIENTAPP_TEMPLATE"  # "1" (on the SuperNode): ClientApps from the template; else as Flower starts them
 BUSY_POLL_S = 0.1  # while ClientApps are launched: the next task is looked for 10 times a second
 IDLE_POLL_S = 1.0  # Flower's own interval, once ...
 IDLE_AFTER_S = 60.0  # ... this long has passed without a launch
+OBJECT_FIRST_WAIT_S = 0.05  # a message object not there yet is asked for again this soon (Flower: 1 s), then 0.1, 0.2 ...
 
 
 class TaskPolls:
@@ -126,6 +129,21 @@ def serve(conn: Connection) -> None:
         conn.send(pid)
 
 
+def shorten_object_pulls(first_wait: float = OBJECT_FIRST_WAIT_S) -> None:
+    """Make a pull of a message's objects that finds one not there yet look again after
+    ``first_wait`` seconds (doubling, as before), not Flower's one second.
+
+    A SuperNode creates a message's task before it has pulled the message's objects from the
+    SuperLink, and its SuperExec launches the ClientApp for the task at once; a ClientApp started
+    from the template asks for the objects before they are there and, in Flower 1.42.0, then
+    sleeps a whole second (``PULL_INITIAL_BACKOFF``). The same wait applies to the SuperNode's own
+    pulls from the SuperLink. Both functions take the value as a keyword default."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for pull in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        pull.__kwdefaults__["initial_backoff"] = first_wait
+
+
 def name_process(name: str) -> None:
     """Give this process the name ``ps``, ``pgrep`` and psutil's ``name()`` show (Linux; 15 bytes),
     so that a forked ClientApp is found by name as a started one is: its command line stays the
@@ -149,6 +167,7 @@ def run_clientapp(args: list[str], quiet: bool) -> int:
         os.dup2(devnull, 2)
     from flwr.supernode.cli import flwr_clientapp
 
+    shorten_object_pulls()  # a forked ClientApp is often ready before its message's objects are
     sys.argv = [CLIENTAPP, *args[1:]]
     code = 0
     try:
@@ -166,23 +185,25 @@ def run_clientapp(args: list[str], quiet: bool) -> int:
     return code
 
 
-def use_template(template: Template, polls: TaskPolls | None = None) -> None:
-    """Make the SuperExec's subprocess executor start ClientApps from ``template`` (and tell
-    ``polls`` of each launch)."""
+def use_launchers(template: Template | None, polls: TaskPolls | None = None) -> None:
+    """Make the SuperExec's subprocess executor start ClientApps from ``template`` (when there is
+    one; and tell ``polls`` of each launch) and ServerApps as ``python -m runtime.serverapp``."""
     import subprocess
 
     from flwr.supercore.superexec.executor import subprocess_executor
 
-    class Popen:  # what the executor calls; ClientApps come from the template, anything else as before
+    class Popen:  # what the executor calls; anything else starts as before
         def __init__(self, args, **kwargs):
             if polls is not None:
                 polls.launched()
-            if args and args[0] == CLIENTAPP and set(kwargs) <= {"stdout", "stderr"}:
+            if template is not None and args and args[0] == CLIENTAPP and set(kwargs) <= {"stdout", "stderr"}:
                 try:
                     self.pid = template.launch(args, quiet=bool(kwargs))
                     return
                 except (OSError, EOFError, ValueError) as err:
                     log.warning("the ClientApp template failed (%s): starting %s as a new process", err, CLIENTAPP)
+            if args and args[0] == SERVERAPP:
+                args = [sys.executable, "-m", "runtime.serverapp", *args[1:]]
             self.pid = subprocess.Popen(args, **kwargs).pid  # noqa: S603
 
     subprocess_executor.subprocess = type(sys)("subprocess")
@@ -206,14 +227,14 @@ def launcher_dir(folder: Path) -> Path:
 def main() -> None:
     import flwr
 
-    from runtime.supernode import PATCHED_FLWR
-
-    if flwr.__version__ == PATCHED_FLWR and os.environ.get(TEMPLATE_ENV, "1") != "0":  # the SuperNode chose it
+    if flwr.__version__ == PATCHED_FLWR:
         from flwr.supercore.superexec import run_superexec
 
-        polls = TaskPolls()
-        use_template(Template.start(), polls)
-        run_superexec.time = polls.time_module()
+        polls = template = None
+        if os.environ.get(TEMPLATE_ENV, "1") != "0":  # a SuperNode's (a SuperLink's sets "0": it runs no ClientApp)
+            polls, template = TaskPolls(), Template.start()
+            run_superexec.time = polls.time_module()
+        use_launchers(template, polls)
     from flwr.supercore.cli import flower_superexec
 
     sys.argv[0] = "flower-superexec"

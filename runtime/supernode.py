@@ -25,20 +25,23 @@ import warnings
 from collections.abc import Callable
 
 from fedfm.deploy.worker_client import WORKER_ENV
+from runtime.superexec import PATCHED_FLWR
 
-PATCHED_FLWR = "1.42.0"
 WAIT_ENV = "FEDFM_SUPERNODE_WAIT_S"  # the cap, in seconds (default WAIT_S)
 WAIT_S = 0.2  # an idle SuperNode pulls 5 times a second (one small gRPC call)
 SUPEREXEC_POLL_S = "0.25"
 IDLE_SLEEP_S = 3.0  # the SuperNode's sleep after a pull that found no message
+REPLY_WAIT_S = 0.05  # while its ClientApp works, the SuperNode looks for the reply this often (Flower: 0.5 s)
 IDLE_AFTER_S = 60.0  # this long without a message, the SuperNode waits Flower's 3 s between pulls again
 
 
-def capped_time(cap: float, idle_after_s: float = IDLE_AFTER_S) -> types.ModuleType:
+def capped_time(cap: float, idle_after_s: float = IDLE_AFTER_S, reply_cap: float = REPLY_WAIT_S) -> types.ModuleType:
     """A stand-in for the ``time`` module whose ``sleep`` waits at most ``cap`` seconds while the
-    SuperNode is busy. Its loop sleeps 3 s after a pull that found nothing and 0.5 s while a reply is
-    on its way; a sleep shorter than ``IDLE_SLEEP_S`` is activity. After ``idle_after_s`` without
-    any, the idle sleeps are Flower's own again, so an idle federation costs next to nothing."""
+    SuperNode is busy. Its loop sleeps 3 s after a pull that found nothing, and 0.5 s at a time
+    while it waits for its ClientApp's reply: those waits (any sleep shorter than ``IDLE_SLEEP_S``)
+    are activity and last at most ``reply_cap`` (a look at the SuperNode's own memory, no network).
+    After ``idle_after_s`` without any, the idle sleeps are Flower's own again, so an idle
+    federation costs next to nothing."""
     shim = types.ModuleType("time")
     shim.__dict__.update({k: v for k, v in vars(time).items() if not k.startswith("__")})
     last_busy = [time.monotonic()]
@@ -48,7 +51,9 @@ def capped_time(cap: float, idle_after_s: float = IDLE_AFTER_S) -> types.ModuleT
         now = time.monotonic()
         if seconds < IDLE_SLEEP_S:
             last_busy[0] = now
-        elif now - last_busy[0] > idle_after_s:
+            time.sleep(min(seconds, reply_cap))
+            return
+        if now - last_busy[0] > idle_after_s:
             time.sleep(seconds)
             return
         time.sleep(min(seconds, cap))
@@ -100,14 +105,17 @@ def shorten_waits(cap: float = WAIT_S) -> bool:
     from flwr.supernode import start_client_internal
 
     start_client_internal.time = capped_time(cap)
+    from runtime.superexec import shorten_object_pulls
+
+    shorten_object_pulls()
     if not hasattr(start_client_internal._pull_and_store_message, "wrapped"):
         start_client_internal._pull_and_store_message = push_every_reply(start_client_internal._pull_and_store_message)
     return True
 
 
-def use_clientapp_template() -> None:
-    """Start this SuperNode's SuperExec as ``runtime/superexec.py`` (its ClientApps forked from a
-    pre-imported template): a ``flower-superexec`` of ours first on the PATH it is started from."""
+def use_launcher() -> None:
+    """Put a ``flower-superexec`` of ours (``runtime/superexec.py``) first on the PATH that this
+    process starts its SuperExec from."""
     import hashlib
 
     from runtime.superexec import launcher_dir
@@ -122,7 +130,7 @@ def main() -> None:
     from runtime.superexec import TEMPLATE_ENV
 
     if shorten_waits(float(os.environ.get(WAIT_ENV) or WAIT_S)) and os.environ.get(TEMPLATE_ENV, "1") != "0":
-        use_clientapp_template()
+        use_launcher()  # its SuperExec forks ClientApps from a pre-imported template
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv[0] = "flower-supernode"

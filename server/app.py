@@ -21,7 +21,7 @@ from fedfm.protocol import ARRAYS, CONFIG, LAYOUT, LEDGER_HEAD, METRICS
 app = ServerApp()
 
 MALFORMED = "a train reply needs one ArrayRecord, its layout and one MetricRecord"
-PULL_INTERVAL_S = 0.1  # Grid.send_and_receive waits 3 s between pulls; a round waits for its replies this long at most
+PULL_INTERVAL_S = 0.05  # Grid.send_and_receive waits 3 s between pulls; a round waits for its replies this long at most
 
 
 class GridLink:

@@ -55,6 +55,10 @@ def test_the_hooks_act_where_a_sites_code_runs(monkeypatch):
     assert hooks.process_kind() == hooks.SITE
     monkeypatch.setattr("sys.orig_argv", ["/venv/bin/python", "/venv/bin/flwr-serverapp"])
     assert hooks.process_kind() == hooks.COORDINATOR
+    monkeypatch.setattr("sys.orig_argv", ["/venv/bin/python", "-m", "runtime.serverapp", "--token", "t"])
+    assert hooks.process_kind() == hooks.COORDINATOR  # as runtime/superlink.py's SuperExec starts it
+    monkeypatch.setattr("sys.orig_argv", ["/venv/bin/python", "-m", "runtime.superlink"])
+    assert hooks.process_kind() is None
     monkeypatch.setattr("sys.orig_argv", ["/venv/bin/python", "/venv/bin/flower-supernode"])
     assert hooks.process_kind() is None
 

@@ -3,7 +3,7 @@
 The soak writes a ``sitecustomize.py`` that calls :func:`install` onto the ``PYTHONPATH`` of
 one site's SuperNode (or of the coordinator) and describes the fault in ``FEDFM_CHAOS_HOOK``.
 Only the processes that run app code act on it (a site's worker, or its ClientApp when it calls
-the site in process; ``flwr-serverapp`` on the coordinator); the fault fires once per soak run (a marker file records it). Nothing here is
+the site in process; ``flwr-serverapp`` or ``python -m runtime.serverapp`` on the coordinator); the fault fires once per soak run (a marker file records it). Nothing here is
 imported by fedfm itself: without the environment variable a deployment has no hooks.
 """
 
@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 ENV = "FEDFM_CHAOS_HOOK"
+# the coordinator's processes above a ServerApp: Flower's commands, or fedfm's launcher of the SuperLink
+COORDINATOR_PROGRAMS = ("flower-superlink", "flower-superexec", "runtime.superlink")
 SITECUSTOMIZE = "from fedfm.chaos.hooks import install\ninstall()\n"
 
 
@@ -37,6 +39,8 @@ def process_kind() -> str | None:
     if "fedfm.deploy.site_worker" in argv:
         return SITE
     program = next((Path(a).name for a in argv[1:2] if not a.startswith("-")), "")
+    if argv[1:2] == ["-m"]:  # fedfm's launcher of a ServerApp: python -m runtime.serverapp
+        program = {"runtime.serverapp": "flwr-serverapp"}.get(argv[2] if len(argv) > 2 else "", "")
     if program == "flwr-clientapp" and os.environ.get("FEDFM_SITE_WORKER", "") != "1":
         return SITE
     return COORDINATOR if program == "flwr-serverapp" else None
@@ -76,7 +80,7 @@ def _die(coordinator: bool = False) -> None:
         import psutil
 
         for parent in psutil.Process().parents():
-            if any(Path(part).name in ("flower-superlink", "flower-superexec") for part in parent.cmdline()[:2]):
+            if any(Path(part).name in COORDINATOR_PROGRAMS for part in parent.cmdline()[:3]):
                 parent.kill()
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -157,7 +157,7 @@ Certificate names (sites must dial one of these): {', '.join(names)}
 
 ## Coordinator
 1. Start the SuperLink with TLS, node authentication and a persistent database:
-   flower-superlink --ssl-ca-certfile {dep.ca} --ssl-certfile {dep.server_cert} \\
+   python -m runtime.superlink --ssl-ca-certfile {dep.ca} --ssl-certfile {dep.server_cert} \\
      --ssl-keyfile {dep.server_key} --enable-supernode-auth --database state/state.db \\
      --port {port} --disable-runtime-dependency-installation
    (or: docker compose up superlink). Open TCP port {port} to the sites; nothing else.

@@ -1,7 +1,8 @@
 """``fedfm deploy local``: the whole deployment as local processes on loopback, TLS and auth on.
 
-The same programs as a real deployment (``flower-superlink`` with TLS, node authentication and
-a database; one ``flower-supernode`` per site with its own key and node config; ``flwr run``
+The same programs as a real deployment (Flower's SuperLink with TLS, node authentication and a
+database, ``python -m runtime.superlink``; one SuperNode per site with its own key and node config,
+``python -m runtime.supernode``; ``flwr run``
 against the SuperLink's HTTPS port), only every address is 127.0.0.1. Used by users without
 Docker and by the deployment tests, which drive :class:`LocalDeployment` directly to kill a
 site or the coordinator mid-run.
@@ -95,7 +96,7 @@ class LocalDeployment:
         """The coordinator: TLS with the deployment's certificate, node auth, state in a database."""
         (self.work / "state").mkdir(exist_ok=True)
         self._start("superlink", [
-            _exe("flower-superlink"),
+            sys.executable, "-m", "runtime.superlink",
             "--ssl-ca-certfile", str(self.dep.ca), "--ssl-certfile", str(self.dep.server_cert),
             "--ssl-keyfile", str(self.dep.server_key), "--enable-supernode-auth",
             "--database", str(self.work / "state" / "state.db"), "--port", str(self.port),

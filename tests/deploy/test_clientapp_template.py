@@ -98,7 +98,7 @@ def test_a_launch_the_template_cannot_serve_starts_a_process_as_flower_does(tmp_
             raise EOFError("the template has exited")
 
     monkeypatch.setattr(subprocess_executor, "subprocess", subprocess_executor.subprocess)
-    superexec.use_template(Gone())
+    superexec.use_launchers(Gone())
     marker = tmp_path / "ran"
     started = subprocess_executor.subprocess.Popen([sys.executable, "-c", f"open({str(marker)!r}, 'w')"])
     assert _wait(marker.exists) and started.pid > 0  # not a ClientApp: a plain subprocess

@@ -80,7 +80,7 @@ def test_the_resumed_runs_reply_reaches_the_superlink_after_an_ended_runs_reply(
     assert sent == [1, 2]
 
 
-def test_the_supernode_loop_pulls_through_the_wrapper_once(monkeypatch):
+def test_the_supernode_loop_pulls_through_the_wrapper_once(monkeypatch, flower_pull_defaults):
     monkeypatch.setattr(loop, "time", time)
     monkeypatch.setattr(loop, "_pull_and_store_message", loop._pull_and_store_message)  # restored after the test
     original = getattr(loop._pull_and_store_message, "wrapped", loop._pull_and_store_message)

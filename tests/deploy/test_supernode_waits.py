@@ -21,19 +21,20 @@ def test_after_a_quiet_spell_the_idle_sleeps_are_flowers_own_again(monkeypatch):
     slept = []
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(time, "sleep", lambda seconds: slept.append(seconds))
-    shim = supernode.capped_time(0.2, idle_after_s=60)
+    shim = supernode.capped_time(0.2, idle_after_s=60, reply_cap=0.05)
     shim.sleep(3)  # an idle pull while the run is on: short
-    shim.sleep(0.5)  # a reply on its way: activity
+    shim.sleep(0.5)  # a reply on its way: activity, looked for more often
     clock[0] += 59
     shim.sleep(3)
     clock[0] += 2  # over a minute since the last activity
     shim.sleep(3)
     shim.sleep(0.5)  # a message again
     shim.sleep(3)
-    assert slept == [0.2, 0.2, 0.2, 3.0, 0.2, 0.2]
+    shim.sleep(0.01)  # never longer than asked
+    assert slept == [0.2, 0.05, 0.2, 3.0, 0.05, 0.2, 0.01]
 
 
-def test_the_supernode_loop_sleeps_briefly_and_its_superexec_polls_often(monkeypatch):
+def test_the_supernode_loop_sleeps_briefly_and_its_superexec_polls_often(monkeypatch, flower_pull_defaults):
     from flwr.supernode import start_client_internal
 
     monkeypatch.delenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", raising=False)
@@ -95,6 +96,6 @@ def test_every_clientapp_launch_counts_as_activity(monkeypatch):
     polls = superexec.TaskPolls(idle_after_s=60)
     polls.last_launch = 0.0
     monkeypatch.setattr(subprocess_executor, "subprocess", subprocess_executor.subprocess)
-    superexec.use_template(Template(), polls)
+    superexec.use_launchers(Template(), polls)
     assert subprocess_executor.subprocess.Popen(["flwr-clientapp", "--token", "t"]).pid == 4242
     assert time.monotonic() - polls.last_launch < 5

@@ -81,3 +81,36 @@ def test_the_same_history_is_computed_once_and_a_changed_one_afresh():
     reference = create_accountant("prv")
     reference.history = [(0.93, 0.011, 115)]  # Opacus merges steps at the same noise and rate
     assert site.epsilon(1e-5) == reference.get_epsilon(1e-5) > projected
+
+
+def test_remembered_per_step_rdp_gives_opacus_own_epsilons_to_the_bit(monkeypatch):
+    """fedfm keeps Opacus' per-step RDP values (a pure function) across histories: the epsilons of
+    growing histories, RDP and PRV, equal Opacus' without it exactly, and a history that grew by
+    the same noise and rate computes no per-step value again."""
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    from fedfm.privacy.accountant import remember_rdp_per_step
+
+    assert remember_rdp_per_step() and hasattr(opacus_rdp._compute_rdp, "cache_info")
+    histories = [[(0.93, 0.011, 77 * k)] for k in (1, 2, 3)] + [[(20.0, 1.0, 1), (1.1, 0.19, 45)]]
+
+    def epsilons():
+        out = []
+        for history in histories:
+            for mechanism in ("rdp", "prv"):
+                accountant = create_accountant(mechanism)
+                accountant.history = list(history)
+                out.append(accountant.get_epsilon(1e-5))
+        return out
+
+    remembered = epsilons()
+    opacus_rdp._compute_rdp.cache_clear()
+    accountant = create_accountant("prv")
+    accountant.history = [(0.93, 0.011, 77)]
+    accountant.get_epsilon(1e-5)
+    first = opacus_rdp._compute_rdp.cache_info().misses
+    accountant.history = [(0.93, 0.011, 154)]  # the next round: same noise and rate, more steps
+    accountant.get_epsilon(1e-5)
+    assert opacus_rdp._compute_rdp.cache_info().misses == first > 0
+    monkeypatch.setattr(opacus_rdp, "_compute_rdp", opacus_rdp._compute_rdp.__wrapped__)  # Opacus as shipped
+    assert epsilons() == remembered
