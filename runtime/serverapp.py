@@ -2,7 +2,7 @@
 pulls of the sites' replies look again soon when an object is not there yet.
 
 The SuperLink stores a site's reply as soon as its SuperNode announces it and receives the reply's
-objects just after; a ServerApp polling for replies (fedfm's every 0.1 s) often asks in between,
+objects just after; a ServerApp polling for replies (fedfm's every 0.05 s) often asks in between,
 and Flower 1.42.0 then waits a whole second before asking again (``PULL_INITIAL_BACKOFF``): about
 one second of every deployment round. The SuperExec of a SuperLink started with
 ``python -m runtime.superlink`` runs this in place of ``flwr-serverapp``

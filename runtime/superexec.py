@@ -17,7 +17,8 @@ When the template is gone, or anything about a request fails, the executor start
 way Flower does. The executor and the loop are private code of one Flower release, so both are changed
 only with that release (``PATCHED_FLWR``); with any other, Flower runs as it is.
 ``runtime/supernode.py`` puts this launcher first on the SuperNode's ``PATH`` as
-``flower-superexec`` (``launcher_dir``).
+``flower-superexec`` (``launcher_dir``); ``runtime/superlink.py`` does the same for the SuperLink's
+SuperExec, which has no template and starts each ServerApp as ``python -m runtime.serverapp``.
 """
 
 from __future__ import annotations
