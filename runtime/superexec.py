@@ -225,6 +225,18 @@ def launcher_dir(folder: Path) -> Path:
     return folder
 
 
+def launcher_first_on_path() -> None:
+    """Put this launcher first, as ``flower-superexec``, on the PATH that this process (a SuperNode
+    or a SuperLink) starts its SuperExec from."""
+    import hashlib
+
+    from fedfm.deploy.worker_client import worker_dir
+
+    python = hashlib.sha256(sys.executable.encode()).hexdigest()[:12]  # one per Python environment
+    folder = launcher_dir(worker_dir() / f"bin-{python}")
+    os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 def main() -> None:
     import flwr
 

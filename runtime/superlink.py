@@ -18,13 +18,11 @@ import warnings
 def main() -> None:
     import flwr
 
-    from runtime.superexec import PATCHED_FLWR, TEMPLATE_ENV
+    from runtime.superexec import PATCHED_FLWR, TEMPLATE_ENV, launcher_first_on_path
 
     if flwr.__version__ == PATCHED_FLWR:
-        from runtime.supernode import use_launcher
-
         os.environ[TEMPLATE_ENV] = "0"
-        use_launcher()
+        launcher_first_on_path()
     else:
         warnings.warn(f"flwr {flwr.__version__} is not {PATCHED_FLWR}: the SuperLink's ServerApps keep Flower's own "
                       "waits", stacklevel=2)

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable
 
 from fedfm.deploy.worker_client import WORKER_ENV
-from runtime.superexec import PATCHED_FLWR
+from runtime.superexec import PATCHED_FLWR, TEMPLATE_ENV, launcher_first_on_path, shorten_object_pulls
 
 WAIT_ENV = "FEDFM_SUPERNODE_WAIT_S"  # the cap, in seconds (default WAIT_S)
 WAIT_S = 0.2  # an idle SuperNode pulls 5 times a second (one small gRPC call)
@@ -105,32 +105,15 @@ def shorten_waits(cap: float = WAIT_S) -> bool:
     from flwr.supernode import start_client_internal
 
     start_client_internal.time = capped_time(cap)
-    from runtime.superexec import shorten_object_pulls
-
     shorten_object_pulls()
     if not hasattr(start_client_internal._pull_and_store_message, "wrapped"):
         start_client_internal._pull_and_store_message = push_every_reply(start_client_internal._pull_and_store_message)
     return True
 
 
-def use_launcher() -> None:
-    """Put a ``flower-superexec`` of ours (``runtime/superexec.py``) first on the PATH that this
-    process starts its SuperExec from."""
-    import hashlib
-
-    from runtime.superexec import launcher_dir
-    from fedfm.deploy.worker_client import worker_dir
-
-    python = hashlib.sha256(sys.executable.encode()).hexdigest()[:12]  # one per Python environment
-    folder = launcher_dir(worker_dir() / f"bin-{python}")
-    os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
-
-
 def main() -> None:
-    from runtime.superexec import TEMPLATE_ENV
-
     if shorten_waits(float(os.environ.get(WAIT_ENV) or WAIT_S)) and os.environ.get(TEMPLATE_ENV, "1") != "0":
-        use_launcher()  # its SuperExec forks ClientApps from a pre-imported template
+        launcher_first_on_path()  # its SuperExec forks ClientApps from a pre-imported template
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv[0] = "flower-supernode"
