@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedfm.audit.search import read_tuning, tuning_privacy
+from fedfm.audit.search import baseline_search_privacy, read_tuning, tuning_privacy
 
 
 def scope_notes(run_dir: str | Path) -> list[str]:
@@ -29,6 +29,14 @@ def scope_notes(run_dir: str | Path) -> list[str]:
                     f"updates), the random-search bound of Papernot & Steinke (ICLR 2022; geometric number of trials, "
                     f"mean {tuning.get('random_trials_mean')}) gives epsilon {spent['ps_epsilon']:.3f} at delta "
                     f"{spent['delta']:g}, against {spent['epsilon_total']:.3f} by composition."
+                )
+        for method in ("local", "centralized"):
+            spent = baseline_search_privacy(run_dir, method)
+            if spent:
+                per_site = ", ".join(f"{site} {p['epsilon_total']:.3f} over {p['runs']} runs" for site, p in spent.items())
+                notes.append(
+                    f"The {method} baseline searched its own values on the same private images, each trial in a "
+                    f"ledger of its own under trials/{method}/; every run of its search composed: {per_site}."
                 )
     results = run_dir / "results.json"
     if results.is_file() and json.loads(results.read_text()).get("calibration"):

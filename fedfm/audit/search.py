@@ -76,3 +76,29 @@ def random_search_epsilon(run_dir: Path, tuning: dict[str, Any], site: str, delt
     mean = float(tuning["random_trials_mean"])
     bound = ps_epsilon_of_curve(worst, lams, delta, "tnb", eta=1.0, gamma=1.0 / mean, then=_run_rdp(run_dir, site, lams))
     return bound.epsilon
+
+
+def baseline_search_privacy(run_dir: str | Path, method: str) -> dict[str, dict[str, Any]]:
+    """Per site: a DP baseline's search in a tuned study, every run composed.
+
+    Each of the baseline's trials trained on the same private data as its final run, in a ledger
+    of its own (``trials/METHOD/trial-NNN/METHOD/ledger``, ``baselines/METHOD/ledger``); what the
+    search cost a site is all of them composed, as the federated model's one ledger does."""
+    run_dir = Path(run_dir)
+    folders = [*sorted((run_dir / "trials" / method).glob(f"trial-*/{method}/ledger")),
+               run_dir / "baselines" / method / "ledger"]
+    histories: dict[str, list[list[dict[str, Any]]]] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for ledger in find_ledgers(folder):
+            entries = ledger.entries()
+            if entries:
+                histories.setdefault(ledger.site, []).append(entries)
+    out: dict[str, dict[str, Any]] = {}
+    for site, runs in histories.items():
+        last = runs[-1][-1]
+        delta = float(last["delta"])
+        out[site] = {"runs": len(runs), "delta": delta,
+                     "epsilon_total": composed_epsilon(runs, delta, str(last.get("accountant", "prv")))}
+    return out

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfm import protocol
-from fedfm.audit.search import read_tuning, tuning_privacy
+from fedfm.audit.search import baseline_search_privacy, read_tuning, tuning_privacy
 from fedfm.config import ConfigError, DataConfig, ExperimentConfig
 from fedfm.data.shift import site_shift_params
 from fedfm.models.method import update_size_varies
@@ -327,10 +327,24 @@ def baselines(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
             "pooled": _metrics_with_ci(res.get("pooled", {})),
             "auroc": {s: v.get("test", {}).get("auroc") for s, v in res["sites"].items()},
             "max_epsilon": max((v.get("epsilon") or 0.0 for v in res["sites"].values()), default=0.0),
+            **search_epsilon(run_dir, name, chosen.get(name)),
             "worst_site": res.get("worst_site"),
             "wall_time_s": res.get("wall_time_s"),
         }
     return out
+
+
+def search_epsilon(run_dir: Path, name: str, chosen: dict[str, Any] | None) -> dict[str, Any]:
+    """A DP baseline chosen by its own search (fedfm tune): its largest site epsilon is that of
+    every run of its search composed (each trial trained on the same data), as for the federated
+    model, whose sites keep one ledger for all of them."""
+    if chosen is None or name not in ("local", "centralized"):
+        return {}
+    spent = baseline_search_privacy(run_dir, name)
+    if not spent:
+        return {}
+    return {"max_epsilon": max(p["epsilon_total"] for p in spent.values()),
+            "search_runs": max(p["runs"] for p in spent.values())}
 
 
 def tradeoff_point(run: dict[str, Any]) -> dict[str, Any]:

@@ -99,6 +99,10 @@ def baselines_table(run: dict[str, Any]) -> Table | None:
             "is tested on its own test split. Centralized: all training images pooled in one place.")
     if tuned:
         note += " Each method's values were chosen by its own search on validation over the same candidates."
+    searched = [f"{v['label']} ({v['search_runs']} runs)" for v in b.values() if v.get("search_runs")]
+    if searched:
+        note += (" Max epsilon of a DP baseline composes every run of its search, trials and final run, as the "
+                 f"federated model's ledgers do: {', '.join(searched)}.")
     return Table("Federated model against baselines: test AUROC",
                  ["model", *(["chosen on validation"] if tuned else []), *sites, "pooled", "worst site", "max epsilon"],
                  rows, note)

@@ -150,3 +150,40 @@ def test_ps_epsilon_rejects_missing_parameters():
         ps_epsilon(1.0, 0.01, 100, DELTA, "poisson")
     with pytest.raises(ValueError):
         ps_epsilon(1.0, 0.01, 100, DELTA, "grid")
+
+
+def test_a_searched_dp_baseline_is_charged_every_run_of_its_search(tmp_path):
+    """A tuned study's local baseline keeps one ledger per trial and one for its final run: what it
+    spent per site is all of them composed (never the final run's epsilon alone)."""
+    from fedfm.audit.search import baseline_search_privacy
+    from fedfm.report.collect import search_epsilon
+
+    runs = [TRIAL_A, TRIAL_B, TRIAL_A]  # trial 1, trial 2, the chosen values once more with test
+    folders = [tmp_path / "trials" / "local" / f"trial-{k:03d}" / "local" / "ledger" for k in range(2)]
+    folders.append(tmp_path / "baselines" / "local" / "ledger")
+    for folder, batches in zip(folders, runs):
+        ledger = SiteLedger(folder, "site-0")
+        for number, entry in enumerate(_history(batches, "rdp"), start=1):
+            ledger.append(dict(entry, round=number))
+    SiteLedger(tmp_path / "trials" / "local" / "trial-000" / "local" / "ledger", "site-1").append(
+        dict(_history(TRIAL_B, "rdp")[0], round=1))  # a site with one entry in one run
+
+    spent = baseline_search_privacy(tmp_path, "local")
+    by_hand = create_accountant("rdp")
+    by_hand.history = [*TRIAL_A, *TRIAL_B, *TRIAL_A]
+    assert spent["site-0"]["runs"] == 3
+    assert spent["site-0"]["epsilon_total"] == pytest.approx(by_hand.get_epsilon(delta=DELTA), rel=1e-12)
+    assert spent["site-1"]["runs"] == 1
+    final_alone = _history(TRIAL_A, "rdp")[-1]["epsilon"]
+    assert spent["site-0"]["epsilon_total"] > final_alone * 1.5
+
+    shown = search_epsilon(tmp_path, "local", {"train.lr": 0.002})
+    assert shown == {"max_epsilon": spent["site-0"]["epsilon_total"], "search_runs": 3}
+    assert search_epsilon(tmp_path, "local", None) == {}  # not searched: the run's own epsilon stands
+    assert search_epsilon(tmp_path, "centralized_nodp", {"train.lr": 0.01}) == {}  # no DP, nothing spent
+
+    from fedfm.audit.scope import scope_notes
+
+    (tmp_path / "tuning.json").write_text('{"search": "grid", "trials": [], "runs_in_budget": 3}')
+    local_note = [n for n in scope_notes(tmp_path) if "local baseline" in n]
+    assert len(local_note) == 1 and f"site-0 {spent['site-0']['epsilon_total']:.3f} over 3 runs" in local_note[0]
