@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedfm.audit.search import baseline_search_privacy, read_tuning, tuning_privacy
+from fedfm.audit.search import DP_BASELINES, baseline_search_privacy, read_tuning, tuning_privacy
 
 
 def scope_notes(run_dir: str | Path) -> list[str]:
@@ -30,7 +30,7 @@ def scope_notes(run_dir: str | Path) -> list[str]:
                     f"mean {tuning.get('random_trials_mean')}) gives epsilon {spent['ps_epsilon']:.3f} at delta "
                     f"{spent['delta']:g}, against {spent['epsilon_total']:.3f} by composition."
                 )
-        for method in ("local", "centralized"):
+        for method in DP_BASELINES:
             spent = baseline_search_privacy(run_dir, method)
             if spent:
                 per_site = ", ".join(f"{site} {p['epsilon_total']:.3f} over {p['runs']} runs" for site, p in spent.items())

@@ -16,6 +16,7 @@ from fedfm.privacy.tuning import ORDERS, composed_epsilon, ps_epsilon_of_curve, 
 from fedfm.protocol import NOISE_MULTIPLIER, SAMPLE_RATE, STEPS
 
 TUNING_FILE = "tuning.json"  # a search's trial table, beside the final run's results.json
+DP_BASELINES = ("local", "centralized")  # the baselines that train with DP-SGD, each trial in a ledger of its own
 
 
 def trial_dir(out: Path, number: int) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfm import protocol
-from fedfm.audit.search import baseline_search_privacy, read_tuning, tuning_privacy
+from fedfm.audit.search import DP_BASELINES, baseline_search_privacy, read_tuning, tuning_privacy
 from fedfm.config import ConfigError, DataConfig, ExperimentConfig
 from fedfm.data.shift import site_shift_params
 from fedfm.models.method import update_size_varies
@@ -338,7 +338,7 @@ def search_epsilon(run_dir: Path, name: str, chosen: dict[str, Any] | None) -> d
     """A DP baseline chosen by its own search (fedfm tune): its largest site epsilon is that of
     every run of its search composed (each trial trained on the same data), as for the federated
     model, whose sites keep one ledger for all of them."""
-    if chosen is None or name not in ("local", "centralized"):
+    if chosen is None or name not in DP_BASELINES:
         return {}
     spent = baseline_search_privacy(run_dir, name)
     if not spent:
