@@ -39,10 +39,10 @@ def tuning_privacy(run_dir: str | Path) -> dict[str, dict[str, Any]]:
         entries = ledger.entries()
         if not entries:
             continue
-        delta = float(entries[-1]["delta"])
+        delta, epsilon = composed_site_epsilon([entries])
         out[ledger.site] = {
             "runs": runs, "entries": len(entries),
-            "epsilon_total": composed_epsilon([entries], delta, str(entries[-1].get("accountant", "prv"))),
+            "epsilon_total": epsilon,
             "delta": delta,
             "ps_epsilon": random_search_epsilon(run_dir, tuning, ledger.site, delta),
         }
@@ -98,8 +98,14 @@ def baseline_search_privacy(run_dir: str | Path, method: str) -> dict[str, dict[
                 histories.setdefault(ledger.site, []).append(entries)
     out: dict[str, dict[str, Any]] = {}
     for site, runs in histories.items():
-        last = runs[-1][-1]
-        delta = float(last["delta"])
-        out[site] = {"runs": len(runs), "delta": delta,
-                     "epsilon_total": composed_epsilon(runs, delta, str(last.get("accountant", "prv")))}
+        delta, epsilon = composed_site_epsilon(runs)
+        out[site] = {"runs": len(runs), "delta": delta, "epsilon_total": epsilon}
     return out
+
+
+def composed_site_epsilon(runs: list[list[dict[str, Any]]]) -> tuple[float, float]:
+    """(delta, epsilon) of one site's ledger entries of every run composed, at the delta and with the
+    accountant of its latest entry."""
+    last = runs[-1][-1]
+    delta = float(last["delta"])
+    return delta, composed_epsilon(runs, delta, str(last.get("accountant", "prv")))
