@@ -25,8 +25,9 @@ import torch
 
 from fedfm.config import ExperimentConfig
 from fedfm.data import SiteData, Split, load_sites
+from fedfm.eval.calibration import CALIBRATED, Calibration, calibrated_metrics, fit_calibration, site_statistics, sum_statistics
 from fedfm.models import adapter_state_dict
-from fedfm.results import SiteEvaluation, pooled_summary, summarize_site_test, worst_site, write_json
+from fedfm.results import TEST_METRICS, SiteEvaluation, pooled_summary, summarize_site_test, worst_site, write_json
 from fedfm.protocol import EPSILON, TRAIN_LOSS, site_name, sorted_sites
 from fedfm.site import BudgetExhausted, Site
 
@@ -110,16 +111,46 @@ def run_pooled(config: ExperimentConfig, private: bool, out_dir: Path) -> dict[s
             "seconds": time.time() - started}
 
 
+def fit_model_calibration(validation: dict[str, SiteEvaluation]) -> Calibration | None:
+    """A baseline model's temperature and threshold, fitted as the federated model's are: on the
+    summed statistics of the validation splits of the sites it trained on (None: nothing to fit on)."""
+    stats = [site_statistics(ev.probs, ev.labels) for ev in validation.values() if ev.probs is not None and len(ev.labels)]
+    return fit_calibration(sum_statistics(stats)) if stats else None
+
+
+def part_calibrations(config: ExperimentConfig, parts: list[dict[str, Any]]) -> tuple[dict[str, Calibration], dict[str, Any]]:
+    """With eval.calibrate, every model of a baseline calibrated on its own validation data: each
+    local-only site on its own split, the centralized model on every training site's.
+
+    Returns (evaluated site -> the calibration of the model that predicted it, model -> calibration)."""
+    by_site: dict[str, Calibration] = {}
+    by_model: dict[str, Any] = {}
+    if not config.eval.calibrate:
+        return by_site, by_model
+    for part in parts:
+        calibration = fit_model_calibration(part.get("validation", {}))
+        if calibration is None:
+            continue
+        by_model[part["site"]] = calibration.to_dict()
+        for site in [*part.get("validation", {}), *_part_evaluations(part)]:
+            by_site[site] = calibration
+    return by_site, by_model
+
+
+def _part_evaluations(part: dict[str, Any]) -> dict[str, SiteEvaluation]:
+    return part.get("evaluations") or ({part["site"]: part["evaluation"]} if part.get("evaluation") else {})
+
+
 def write_baseline_results(config: ExperimentConfig, name: str, out_dir: Path, parts: list[dict[str, Any]]) -> dict[str, Any]:
     """``results.json`` of a baseline, in the shape of a federated run's."""
     delta = config.privacy.delta if name != "centralized_nodp" and config.privacy.sample_level else 0.0
+    calibrations, models = part_calibrations(config, parts)
     sites: dict[str, Any] = {}
     evaluations: dict[str, SiteEvaluation] = {}
     validation: dict[str, SiteEvaluation] = {}
     for part in parts:
         validation.update(part.get("validation", {}))
-        per_site = part.get("evaluations") or ({part["site"]: part["evaluation"]} if part.get("evaluation") else {})
-        for site, ev in per_site.items():
+        for site, ev in _part_evaluations(part).items():
             metrics = dict(ev.metrics)
             evaluations[site] = ev
             sites[site] = {
@@ -131,6 +162,10 @@ def write_baseline_results(config: ExperimentConfig, name: str, out_dir: Path, p
                 "trained_by": part["site"],
                 "held_out": site in {site_name(k) for k in config.eval.holdout_sites},
             }
+            if site in calibrations and ev.probs is not None and len(ev.labels):
+                after = calibrated_metrics(ev.probs, ev.labels, calibrations[site])
+                sites[site]["test_calibrated"] = {k: after[CALIBRATED + k] for k in TEST_METRICS if CALIBRATED + k in after}
+    covered = bool(calibrations) and set(evaluations) <= set(calibrations)
     results = {
         "status": "complete",
         "baseline": name,
@@ -138,7 +173,10 @@ def write_baseline_results(config: ExperimentConfig, name: str, out_dir: Path, p
         "sites": {site: sites[site] for site in sorted_sites(sites)},
         "pooled": pooled_summary(evaluations),
         "worst_site": worst_site(evaluations),
-        "validation": validation_summary(validation),
+        "pooled_calibrated": pooled_summary(evaluations, calibrations) if covered else {},
+        "calibration_per_model": {"fitted_on": "each model on the validation splits of the sites it trained on",
+                                  "models": models} if models else None,
+        "validation": validation_summary(validation, calibrations, separate_models=len(models) > 1),
         "history": {p["site"]: p["history"] for p in parts},
         "stopped_early": {p["site"]: p["stopped"] for p in parts if p["stopped"]},
         "wall_time_s": round(sum(p["seconds"] for p in parts), 2),
@@ -148,10 +186,25 @@ def write_baseline_results(config: ExperimentConfig, name: str, out_dir: Path, p
     return results
 
 
-def validation_summary(evaluations: dict[str, SiteEvaluation]) -> dict[str, Any]:
-    """The baseline's validation metrics, pooled over the training sites: what a search selects by."""
+def validation_summary(evaluations: dict[str, SiteEvaluation], calibrations: dict[str, Calibration] | None = None,
+                       separate_models: bool = False) -> dict[str, Any]:
+    """The baseline's validation metrics, pooled over the training sites: what a search selects by.
+
+    Where the pooled predictions come from ``separate_models`` each calibrated on its own (local only),
+    the calibrated predictions are what the baseline deploys and their pooled AUROC is what it is
+    selected by: one model's temperature and threshold keep its ranking, several models' do not."""
     pooled = {k: v for k, v in pooled_summary(evaluations).items() if k != "reliability"}
-    return {"pooled": pooled, "auroc": pooled.get("auroc"), "auroc_kind": "pooled"} if pooled else {}
+    if not pooled:
+        return {}
+    summary = {"pooled": pooled, "auroc": pooled.get("auroc"), "auroc_kind": "pooled"}
+    calibrations = calibrations or {}
+    if calibrations and set(evaluations) <= set(calibrations):
+        after = {k: v for k, v in pooled_summary(evaluations, calibrations).items() if k != "reliability"}
+        summary["pooled_calibrated"] = after
+        if separate_models:
+            summary.update(auroc=after.get("auroc"), auroc_uncalibrated=pooled.get("auroc"),
+                           auroc_kind="pooled, each site's model calibrated on its own validation split")
+    return summary
 
 
 def run_job(config_json: str, kind: str, site_id: int, out_dir: str) -> dict[str, Any]:

@@ -283,18 +283,25 @@ class RunRecorder:
         }
 
 
-def pooled_summary(evaluations: dict[str, SiteEvaluation], calibration: Calibration | None = None) -> dict[str, Any]:
-    """Metrics of every site's shared predictions pooled; with ``calibration``, after it."""
+def pooled_summary(evaluations: dict[str, SiteEvaluation],
+                   calibration: Calibration | dict[str, Calibration] | None = None) -> dict[str, Any]:
+    """Metrics of every site's shared predictions pooled; with ``calibration``, after it: one for
+    every site (one model), or a site -> calibration map (each site's predictions came from a model
+    calibrated on its own, as in the local-only baseline; it must name every site)."""
     # site order, not arrival order: the bootstrap resamples by position
-    parts = [evaluations[k] for k in sorted(evaluations, key=site_order)]
-    parts = [ev for ev in parts if ev.probs is not None and len(ev.probs)]
-    if not parts:
+    names = [k for k in sorted(evaluations, key=site_order)
+             if evaluations[k].probs is not None and len(evaluations[k].probs)]
+    if not names:
         return {}
-    probs = np.concatenate([ev.probs for ev in parts])
-    labels = np.concatenate([ev.labels for ev in parts])
+    labels = np.concatenate([evaluations[k].labels for k in names])
     preds = None
-    if calibration is not None:
-        probs, preds = apply_calibration(probs, calibration)
+    if calibration is None:
+        probs = np.concatenate([evaluations[k].probs for k in names])
+    else:
+        per_site = [apply_calibration(evaluations[k].probs, calibration[k] if isinstance(calibration, dict) else calibration)
+                    for k in names]
+        probs = np.concatenate([p for p, _ in per_site])
+        preds = np.concatenate([d for _, d in per_site])
     decided = probs.argmax(axis=1) if preds is None else preds
     return {
         **classification_metrics(probs, labels, preds),
@@ -304,7 +311,8 @@ def pooled_summary(evaluations: dict[str, SiteEvaluation], calibration: Calibrat
     }
 
 
-def calibrated_pooled_summary(evaluations: dict[str, SiteEvaluation], calibration: Calibration | None) -> dict[str, Any]:
+def calibrated_pooled_summary(evaluations: dict[str, SiteEvaluation],
+                              calibration: Calibration | dict[str, Calibration] | None) -> dict[str, Any]:
     """:func:`pooled_summary` after ``calibration`` (empty without one)."""
     return pooled_summary(evaluations, calibration) if calibration is not None else {}
 

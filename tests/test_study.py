@@ -88,6 +88,12 @@ def test_baselines_train_on_what_they_claim(study):
     assert all(s["epsilon"] == 0.0 for s in fed_nodp["sites"].values())
     for results in (local, central, nodp, fed_nodp):
         assert results["pooled"]["n"] == main_run["pooled"]["n"]
+    # each local model calibrated on its own validation split, the centralized one on every site's
+    assert set(local["calibration_per_model"]["models"]) == set(local["sites"])
+    assert list(central["calibration_per_model"]["models"]) == ["centralized"]
+    for results in (local, central, nodp):
+        assert results["pooled_calibrated"]["n"] == main_run["pooled"]["n"]
+        assert all("balanced_accuracy" in s["test_calibrated"] for s in results["sites"].values())
 
 
 class _Checker(HTMLParser):

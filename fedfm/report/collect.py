@@ -330,8 +330,16 @@ def baselines(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
             **search_epsilon(run_dir, name, chosen.get(name)),
             "worst_site": res.get("worst_site"),
             "wall_time_s": res.get("wall_time_s"),
+            "calibration": before_after(res, ("auroc", "ece", "balanced_accuracy")),
         }
     return out
+
+
+def before_after(results: dict[str, Any], keys: tuple[str, ...]) -> dict[str, dict[str, float | None]]:
+    """Pooled test metrics before and after the calibration fitted on validation ("after" is None
+    where nothing was fitted)."""
+    before, after = results.get("pooled") or {}, results.get("pooled_calibrated") or {}
+    return {k: {"before": before.get(k), "after": after.get(k)} for k in keys if k in before}
 
 
 def search_epsilon(run_dir: Path, name: str, chosen: dict[str, Any] | None) -> dict[str, Any]:

@@ -93,10 +93,18 @@ def baselines_table(run: dict[str, Any]) -> Table | None:
     for v in b.values():
         worst = v["worst_site"] or {}
         chosen = [", ".join(f"{k}={x}" for k, x in (v.get("chosen") or {}).items()) or "-"] if tuned else []
-        rows.append([v["label"], *chosen, *(num(v["auroc"].get(s)) for s in sites), with_ci(v["pooled"].get("auroc")),
-                     f"{num(worst.get('auroc'))} ({worst.get('site', '-')})", num(v["max_epsilon"], 3)])
+        calibration = v.get("calibration") or {}
+        auroc = calibration.get("auroc") or {}
+        moved = auroc.get("after") is not None and abs(auroc["after"] - auroc["before"]) > 1e-9  # several models
+        pooled = with_ci(v["pooled"].get("auroc")) + (f" -> {num(auroc['after'])}" if moved else "")
+        rows.append([v["label"], *chosen, *(num(v["auroc"].get(s)) for s in sites), pooled,
+                     f"{num(worst.get('auroc'))} ({worst.get('site', '-')})", num(v["max_epsilon"], 3),
+                     *(_before_after(calibration.get(k)) for k in ("ece", "balanced_accuracy"))])
     note = ("Same data, model and rounds. Local only: each site trains alone with DP-SGD at its own budget and "
-            "is tested on its own test split. Centralized: all training images pooled in one place.")
+            "is tested on its own test split. Centralized: all training images pooled in one place. "
+            "ECE and balanced accuracy: pooled test, before -> after the temperature and threshold each model "
+            "fitted on the validation splits it trained with (a local-only site on its own split). Pooled AUROC "
+            "changes with calibration only where several models' predictions are pooled (local only): x -> y.")
     if tuned:
         note += " Each method's values were chosen by its own search on validation over the same candidates."
     searched = [f"{v['label']} ({v['search_runs']} runs)" for v in b.values() if v.get("search_runs")]
@@ -104,8 +112,15 @@ def baselines_table(run: dict[str, Any]) -> Table | None:
         note += (" Max epsilon of a DP baseline composes every run of its search, trials and final run, as the "
                  f"federated model's ledgers do: {', '.join(searched)}.")
     return Table("Federated model against baselines: test AUROC",
-                 ["model", *(["chosen on validation"] if tuned else []), *sites, "pooled", "worst site", "max epsilon"],
+                 ["model", *(["chosen on validation"] if tuned else []), *sites, "pooled", "worst site", "max epsilon",
+                  "pooled ECE", "balanced acc."],
                  rows, note)
+
+
+def _before_after(pair: dict[str, Any] | None) -> str:
+    if not pair:
+        return "-"
+    return num(pair["before"]) if pair.get("after") is None else f"{num(pair['before'])} -> {num(pair['after'])}"
 
 
 def runs_table(report: dict[str, Any]) -> Table | None:
