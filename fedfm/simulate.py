@@ -3,7 +3,8 @@
 The experiment config is resolved here, written into the run folder and handed to the
 ServerApp and every ClientApp as ``config-json`` in the run config, so all processes see
 exactly the same validated settings. ``flwr run`` starts a local SuperLink in the
-background; if this call started it, it is stopped again when the run ends.
+background; the last fedfm run using it stops it when it ends (:mod:`fedfm.superlink_users`),
+so simulations started side by side do not cut each other off.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from fedfm import superlink_users
 from fedfm.appconfig import APP_DIR
 from fedfm.config import ConfigError, ExperimentConfig, load_config
 from fedfm.run_log import stream_run
@@ -127,25 +129,30 @@ def run_simulation(
         raise ConfigError(f"fedfm simulate needs the fedfm app folder (with pyproject.toml); not found at {APP_DIR}")
     run_dir = Path(out).resolve() if resume else prepare_run_dir(config, out)
     command = flwr_command(config, write_run_config(config, run_dir, resume, until_round, ledger_dir))
-    port_open, running = settled_superlink()
-    # a SuperLink process counts even while its port is closed: this run must neither start a
-    # second one nor stop one it did not start
-    superlink_was_up = port_open or bool(running)
-    if superlink_was_up:
-        problem = superlink_mismatch(config, running)
-        if problem:
-            raise ConfigError(
-                f"a local SuperLink is already running on port {LOCAL_SUPERLINK_PORT}, but {problem}; this run would "
-                "run inside it: stop it with python -c 'from fedfm.simulate import stop_local_superlink; "
-                "stop_local_superlink()' and run again"
-            )
-    print(f"[fedfm] {config.data.num_sites} sites, {config.federation.rounds} rounds -> {run_dir}", flush=True)
-    log_path = run_dir / ("flwr-resumed.log" if resume else "flwr.log")
+    users = superlink_users.users_dir(LOCAL_SUPERLINK_PORT)
+    entry = superlink_users.join(users)  # before looking: a run ending meanwhile then leaves the SuperLink up
+    started = False
     try:
+        port_open, running = settled_superlink()
+        # a SuperLink process counts even while its port is closed: this run must not start a second one
+        if port_open or running:
+            problem = superlink_mismatch(config, running)
+            if problem:
+                raise ConfigError(
+                    f"a local SuperLink is already running on port {LOCAL_SUPERLINK_PORT}, but {problem}; this run would "
+                    "run inside it: stop it with python -c 'from fedfm.simulate import stop_local_superlink; "
+                    "stop_local_superlink()' and run again"
+                )
+        else:
+            superlink_users.mark_started(users)
+        print(f"[fedfm] {config.data.num_sites} sites, {config.federation.rounds} rounds -> {run_dir}", flush=True)
+        log_path = run_dir / ("flwr-resumed.log" if resume else "flwr.log")
+        started = True
         code = stream_run(command, simulation_env(config), log_path, verbose)
     finally:
-        if not superlink_was_up:
-            stop_local_superlink()
+        # the last fedfm run to end stops a SuperLink fedfm started (one started by hand stays);
+        # a run refused before it started stops nothing
+        superlink_users.leave(entry, stop_local_superlink if started else None)
     results = run_dir / "results.json"
     status = json.loads(results.read_text()).get("status") if results.exists() else None
     expected = "paused" if 0 < until_round < config.federation.rounds else "complete"

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # lowest first; a module may import its own layer and the layers below it
 LAYERS = [
-    ["protocol", "config", "transport", "appconfig", "run_log", "packed"],
+    ["protocol", "config", "transport", "appconfig", "run_log", "packed", "superlink_users"],
     ["data"],
     ["models", "eval"],
     ["privacy"],

@@ -257,3 +257,37 @@ def test_a_3d_federation_of_ct_volumes_runs_end_to_end(tmp_path):
     spec = json.loads((out / "adapter" / "fedfm_model.json").read_text())
     assert spec["spatial_dims"] == 3 and spec["model"]["backbone"] == "astra-ct"
     assert "astra-ct" in (out / "report.md").read_text()  # the same report as for images
+
+
+@pytest.mark.slow
+def test_a_simulation_started_beside_another_survives_the_first_ending(tmp_path):
+    """The run that started the local SuperLink ends first; the run that joined it still completes."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    if local_superlink_pids():
+        pytest.skip("a local SuperLink is already running: this test needs to watch one start and stop")
+    fedfm = [str(Path(sys.executable).parent / "fedfm"), "simulate", str(REPO / "configs" / "quickstart.yaml"),
+             "--set", "data.num_sites=2", "--set", "data.samples_per_site=120", "--set", "data.image_size=16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([*fedfm, "--set", "federation.rounds=1", "--out", str(tmp_path / "first")], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not _port_open(LOCAL_SUPERLINK_PORT) and time.time() < deadline:  # the first run's flwr starts it
+        time.sleep(0.2)
+    assert _port_open(LOCAL_SUPERLINK_PORT), "the first run never started a SuperLink"
+    second = subprocess.Popen([*fedfm, "--set", "federation.rounds=4", "--out", str(tmp_path / "second")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert first.wait(timeout=300) == 0
+        assert second.poll() is None, "the second run ended before the first: the test did not overlap them"
+        assert local_superlink_pids(), "the first run stopped the SuperLink the second run still uses"
+        assert second.wait(timeout=300) == 0
+    finally:
+        for proc in (first, second):
+            proc.kill()
+    for name in ("first", "second"):
+        assert json.loads((tmp_path / name / "results.json").read_text())["status"] == "complete"
+    assert not local_superlink_pids(), "the last run to end must stop the SuperLink fedfm started"
