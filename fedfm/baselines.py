@@ -10,7 +10,9 @@ They run without Flower, through the same :class:`fedfm.site.Site` the ClientApp
 training code, the accountant and the ledger are the ones of the federated run. The federated
 run without DP (``federated_nodp``) is a Flower run and lives in :mod:`fedfm.study`.
 Every baseline writes a ``results.json`` shaped like a federated run's (``sites``, ``pooled``,
-``worst_site``), which is what the report reads.
+``worst_site``), which is what the report reads. With ``eval.calibrate`` every baseline model gets
+a temperature and threshold fitted as the federated model's are, on the validation splits it
+trained with (:func:`part_calibrations`).
 """
 
 from __future__ import annotations
