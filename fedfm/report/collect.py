@@ -331,6 +331,8 @@ def baselines(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
             "worst_site": res.get("worst_site"),
             "wall_time_s": res.get("wall_time_s"),
             "calibration": before_after(res, ("auroc", "ece", "balanced_accuracy")),
+            # models whose calibrated predictions are pooled (local only: one per site)
+            "calibrated_models": len((res.get("calibration_per_model") or {}).get("models") or {}),
         }
     return out
 

@@ -95,8 +95,8 @@ def baselines_table(run: dict[str, Any]) -> Table | None:
         chosen = [", ".join(f"{k}={x}" for k, x in (v.get("chosen") or {}).items()) or "-"] if tuned else []
         calibration = v.get("calibration") or {}
         auroc = calibration.get("auroc") or {}
-        moved = auroc.get("after") is not None and abs(auroc["after"] - auroc["before"]) > 1e-9  # several models
-        pooled = with_ci(v["pooled"].get("auroc")) + (f" -> {num(auroc['after'])}" if moved else "")
+        several = auroc.get("after") is not None and v.get("calibrated_models", 0) > 1  # one model keeps its ranking
+        pooled = with_ci(v["pooled"].get("auroc")) + (f" -> {num(auroc['after'])}" if several else "")
         rows.append([v["label"], *chosen, *(num(v["auroc"].get(s)) for s in sites), pooled,
                      f"{num(worst.get('auroc'))} ({worst.get('site', '-')})", num(v["max_epsilon"], 3),
                      *(_before_after(calibration.get(k)) for k in ("ece", "balanced_accuracy"))])

@@ -110,3 +110,19 @@ def test_without_eval_calibrate_nothing_is_fitted(config, tmp_path):
     assert results["calibration_per_model"] is None and results["pooled_calibrated"] == {}
     assert "pooled_calibrated" not in results["validation"]
     assert all("test_calibrated" not in s for s in results["sites"].values())
+
+
+def test_the_baselines_table_moves_pooled_auroc_only_for_pooled_separate_models():
+    from fedfm.report.tables import baselines_table
+
+    def entry(label, models, before, after):
+        return {"label": label, "chosen": None, "auroc": {"site-0": 0.9}, "pooled": {"auroc": {"value": before, "ci95": [0.8, 0.95]}},
+                "worst_site": {"site": "site-0", "auroc": 0.9}, "max_epsilon": 7.9, "calibrated_models": models,
+                "calibration": {"auroc": {"before": before, "after": after}, "ece": {"before": 0.1, "after": 0.03},
+                                "balanced_accuracy": {"before": 0.8, "after": None}}}
+
+    table = baselines_table({"baselines": {"local": entry("local only (DP)", 3, 0.9226, 0.9337),
+                                           "centralized": entry("centralized (DP)", 1, 0.9576, 0.95770001)}})
+    local, central = table.rows
+    assert local[2] == "0.9226 (0.8000-0.9500) -> 0.9337" and central[2] == "0.9576 (0.8000-0.9500)"
+    assert local[-2] == "0.1000 -> 0.0300" and local[-1] == "0.8000"  # nothing fitted: the value before alone
