@@ -167,7 +167,6 @@ def write_baseline_results(config: ExperimentConfig, name: str, out_dir: Path, p
             if site in calibrations and ev.probs is not None and len(ev.labels):
                 after = calibrated_metrics(ev.probs, ev.labels, calibrations[site])
                 sites[site]["test_calibrated"] = {k: after[CALIBRATED + k] for k in TEST_METRICS if CALIBRATED + k in after}
-    covered = bool(calibrations) and set(evaluations) <= set(calibrations)
     results = {
         "status": "complete",
         "baseline": name,
@@ -175,7 +174,7 @@ def write_baseline_results(config: ExperimentConfig, name: str, out_dir: Path, p
         "sites": {site: sites[site] for site in sorted_sites(sites)},
         "pooled": pooled_summary(evaluations),
         "worst_site": worst_site(evaluations),
-        "pooled_calibrated": pooled_summary(evaluations, calibrations) if covered else {},
+        "pooled_calibrated": calibrated_pooled(evaluations, calibrations) or {},
         "calibration_per_model": {"fitted_on": "each model on the validation splits of the sites it trained on",
                                   "models": models} if models else None,
         "validation": validation_summary(validation, calibrations, separate_models=len(models) > 1),
@@ -186,6 +185,14 @@ def write_baseline_results(config: ExperimentConfig, name: str, out_dir: Path, p
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
     return results
+
+
+def calibrated_pooled(evaluations: dict[str, SiteEvaluation], calibrations: dict[str, Calibration]) -> dict[str, Any] | None:
+    """Pooled metrics of the calibrated predictions, or None unless every evaluated site's model
+    has a calibration (pooling calibrated and uncalibrated probabilities would mean nothing)."""
+    if not calibrations or not set(evaluations) <= set(calibrations):
+        return None
+    return pooled_summary(evaluations, calibrations)
 
 
 def validation_summary(evaluations: dict[str, SiteEvaluation], calibrations: dict[str, Calibration] | None = None,
@@ -199,9 +206,9 @@ def validation_summary(evaluations: dict[str, SiteEvaluation], calibrations: dic
     if not pooled:
         return {}
     summary = {"pooled": pooled, "auroc": pooled.get("auroc"), "auroc_kind": "pooled"}
-    calibrations = calibrations or {}
-    if calibrations and set(evaluations) <= set(calibrations):
-        after = {k: v for k, v in pooled_summary(evaluations, calibrations).items() if k != "reliability"}
+    after = calibrated_pooled(evaluations, calibrations or {})
+    if after is not None:
+        after = {k: v for k, v in after.items() if k != "reliability"}
         summary["pooled_calibrated"] = after
         if separate_models:
             summary.update(auroc=after.get("auroc"), auroc_uncalibrated=pooled.get("auroc"),
