@@ -89,6 +89,7 @@ def screening_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 SEED_METRICS = ("auroc", "ece", "balanced_accuracy")
+CALIBRATED_SEED_METRICS = ("ece", "balanced_accuracy")  # after the temperature and threshold fitted on validation
 
 
 def seeds_block(run_dir: Path, config: ExperimentConfig, results: dict[str, Any]) -> dict[str, Any] | None:
@@ -100,7 +101,8 @@ def seeds_block(run_dir: Path, config: ExperimentConfig, results: dict[str, Any]
     rows = [_seed_row(config.train.seed, results)]
     rows += [_seed_row(s, read_results(seed_dir(run_dir, s))) for s in others if (seed_dir(run_dir, s) / "results.json").is_file()]
     spread = {}
-    for key in (*SEED_METRICS, "worst_site_auroc"):
+    for key in (*SEED_METRICS, "worst_site_auroc", *(f"{k}_calibrated" for k in CALIBRATED_SEED_METRICS),
+                "lowest_site_balanced_accuracy"):
         values = [r[key] for r in rows if _num(r.get(key))]
         if values:
             mean = sum(values) / len(values)
@@ -111,9 +113,24 @@ def seeds_block(run_dir: Path, config: ExperimentConfig, results: dict[str, Any]
 
 def _seed_row(seed: int, results: dict[str, Any]) -> dict[str, Any]:
     pooled = results.get("pooled", {})
+    calibrated = results.get("pooled_calibrated") or {}
     worst = results.get("worst_site") or {}
     return {"seed": seed, **{k: pooled.get(k) for k in SEED_METRICS},
+            **{f"{k}_calibrated": calibrated.get(k) for k in CALIBRATED_SEED_METRICS},
+            **lowest_site_balanced_accuracy(results),
             "auroc_ci95": pooled.get("ci95", {}).get("auroc"), "worst_site_auroc": worst.get("auroc")}
+
+
+def lowest_site_balanced_accuracy(results: dict[str, Any]) -> dict[str, Any]:
+    """The site with the lowest balanced accuracy on its test split after calibration (the threshold
+    chosen on validation), as {"lowest_site_balanced_accuracy": value, "lowest_site": name}; empty
+    where nothing was calibrated."""
+    values = {name: site["test_calibrated"]["balanced_accuracy"] for name, site in results.get("sites", {}).items()
+              if _num((site.get("test_calibrated") or {}).get("balanced_accuracy"))}
+    if not values:
+        return {}
+    name = min(values, key=lambda n: (values[n], n))
+    return {"lowest_site_balanced_accuracy": values[name], "lowest_site": name}
 
 
 CALIBRATION_METRICS = ("ece", "loss", "balanced_accuracy", "sensitivity", "specificity", "accuracy")
