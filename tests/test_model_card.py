@@ -263,3 +263,38 @@ def test_a_search_s_tuning_file_is_read_when_results_json_has_no_tuning(run, tmp
     card = card_markdown(copy)
     assert "Tuning: 2 trials, trial 1 chosen (from tuning.json); selection: highest validation AUROC." in card
     assert "Hyper-parameters were selected among 2 tuning trials by validation performance" in card
+
+
+def test_the_variation_across_training_seeds_is_stated(run, tmp_path):
+    copy = _copy(run, tmp_path)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["eval"]["seeds"] = [0, 1, 2]
+    (copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    results = json.loads((copy / "results.json").read_text())
+    site = {"test_calibrated": {"balanced_accuracy": 0.55}}
+    _edit_results(copy, pooled_calibrated={"balanced_accuracy": 0.61}, sites={**results["sites"], "site-1": site})
+    aurocs = {1: 0.61, 2: 0.83}
+    for seed, auroc in aurocs.items():
+        folder = copy / "seeds" / f"seed-{seed}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({
+            "status": "complete", "pooled": {"auroc": auroc}, "pooled_calibrated": {"balanced_accuracy": 0.7},
+            "worst_site": {"auroc": auroc - 0.1},
+            "sites": {"site-0": {"test_calibrated": {"balanced_accuracy": 0.6 + seed / 100}}}}))
+    facts = card_facts(copy)["performance"]["seeds"]
+    assert facts["exported_seed"] == 0 and [r["seed"] for r in facts["rows"]] == [0, 1, 2]
+    values = [results["pooled"]["auroc"], *aurocs.values()]
+    mean = sum(values) / 3
+    std = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
+    card = card_markdown(copy)
+    assert "this model is train.seed = 0" in card
+    assert f"| 1 | 0.610 | 0.510 | 0.700 | 0.610 (site-0) |" in card
+    assert f"| mean +/- std | {mean:.3f} +/- {std:.3f} |" in card
+    assert (f"Across 3 training seeds the pooled test AUROC is {mean:.3f} +/- {std:.3f} (from {min(values):.3f} to "
+            f"{max(values):.3f}): this model's value is one draw of it; the lowest site's balanced accuracy after "
+            "calibration ranges from 0.550 to 0.620.") in card
+
+    (copy / "seeds" / "seed-2" / "results.json").write_text(json.dumps({"status": "running"}))
+    card = card_markdown(copy)  # an unfinished repeat is said, not a crash
+    assert "Not available:" in card and "the variation across seeds is unknown" in card
+    assert card_facts(run)["performance"]["seeds"] is None and "Across training seeds" not in card_markdown(run)

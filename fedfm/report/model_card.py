@@ -25,7 +25,7 @@ from fedfm.models.spec import MERGED_WEIGHTS, merged_description
 from fedfm.privacy.entries import LABEL_COUNTS
 from fedfm.privacy.ledger import LedgerError, SiteLedger
 from fedfm.protocol import is_site_name, site_order
-from fedfm.report.collect import _metrics_with_ci, run_summary, site_rows
+from fedfm.report.collect import ReportError, _metrics_with_ci, run_summary, seeds_block, site_rows
 from fedfm.run_folder import CompletedRun, open_run
 
 CARD_FILE = "MODEL_CARD.md"
@@ -74,7 +74,7 @@ def card_facts(run_dir: str | Path, folder: str | Path | None = None) -> dict[st
         "intended_use": intended_use(run, summary),
         "data": data_facts(config, summary, rows),
         "privacy": privacy_facts(run, results, summary, rows),
-        "performance": performance_facts(results, rows),
+        "performance": {**performance_facts(results, rows), "seeds": seeds_facts(run.path, config, results)},
         "calibration": calibration_facts(results),
         "provenance": provenance(run, results, summary),
     }
@@ -333,6 +333,18 @@ def performance_facts(results: dict[str, Any], rows: list[dict[str, Any]]) -> di
     }
 
 
+def seeds_facts(run_dir: Path, config: ExperimentConfig, results: dict[str, Any]) -> dict[str, Any] | None:
+    """The same configuration trained with the other seeds of eval.seeds (replications with their own
+    ledgers, not part of this model): each seed's pooled metrics and their spread; None without seeds."""
+    try:
+        block = seeds_block(run_dir, config, results)
+    except ReportError as err:  # a seed run that did not finish
+        return {"exported_seed": config.train.seed, "rows": [], "spread": {}, "unavailable": str(err)}
+    if block is None:
+        return None
+    return {"exported_seed": config.train.seed, **block}
+
+
 def calibration_facts(results: dict[str, Any]) -> dict[str, Any] | None:
     cal = results.get("calibration")
     if not cal:
@@ -428,6 +440,7 @@ def limitations(config: ExperimentConfig, results: dict[str, Any], facts: dict[s
         out.append(f"Hyper-parameters were selected among {tuning['trials']} tuning trials by validation performance: "
                    "validation-based selection makes validation metrics optimistic, and the chosen configuration "
                    "may not be the best one on new data.")
+    out += _seeds_limitations(perf["seeds"])
     unseen = perf["unseen"]
     if unseen is None:
         out.append("Not evaluated on external data: every test image comes from a site the model was trained on "
@@ -455,6 +468,28 @@ def limitations(config: ExperimentConfig, results: dict[str, Any], facts: dict[s
         out.append(f"The export holds the global model; the sites' personalized models (lora.personal="
                    f"{config.lora.personal}) are not in it and their metrics do not describe it.")
     return out
+
+
+def _seeds_limitations(seeds: dict[str, Any] | None) -> list[str]:
+    if seeds is None:
+        return []
+    if seeds.get("unavailable"):
+        return [f"The repeats with other training seeds are incomplete ({seeds['unavailable']}): the variation across "
+                "seeds is unknown."]
+    auroc = seeds["spread"].get("auroc")
+    if auroc is None or auroc["n"] < 2:
+        return []
+    values = [r["auroc"] for r in seeds["rows"] if _is_number(r.get("auroc"))]
+    text = (f"Across {auroc['n']} training seeds the pooled test AUROC is {_f(auroc['mean'])} +/- {_f(auroc['std'])} "
+            f"(from {_f(min(values))} to {_f(max(values))}): this model's value is one draw of it")
+    lowest = [r["lowest_site_balanced_accuracy"] for r in seeds["rows"] if _is_number(r.get("lowest_site_balanced_accuracy"))]
+    if lowest:
+        text += f"; the lowest site's balanced accuracy after calibration ranges from {_f(min(lowest))} to {_f(max(lowest))}"
+    return [text + "."]
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _privacy_limitations(config: ExperimentConfig, privacy: dict[str, Any], data: dict[str, Any]) -> list[str]:
@@ -667,6 +702,31 @@ def _performance_md(facts: dict[str, Any]) -> list[str]:
     if worst:
         lines += ["", f"Worst site: {worst['site']} (AUROC {_f(worst['auroc'])}); best: {worst['best_site']}; "
                       f"gap {_f(worst['best_minus_worst_auroc'])}."]
+    return lines + _seeds_md(perf["seeds"])
+
+
+def _seeds_md(seeds: dict[str, Any] | None) -> list[str]:
+    if seeds is None:
+        return []
+    lead = (f"Across training seeds (eval.seeds): this model is train.seed = {seeds['exported_seed']}; the others are "
+            "replications of the same configuration with their own ledgers, not part of it.")
+    if seeds.get("unavailable"):
+        return ["", lead, "", f"Not available: {seeds['unavailable']}"]
+    lines = ["", lead, "", "| train.seed | Pooled AUROC [95 % interval] | Worst-site AUROC | Balanced accuracy after "
+             "calibration | Lowest site after calibration |", "|---|---|---|---|---|"]
+    for r in seeds["rows"]:
+        lowest = (f"{_f(r['lowest_site_balanced_accuracy'])} ({r['lowest_site']})"
+                  if _is_number(r.get("lowest_site_balanced_accuracy")) else "-")
+        lines.append(f"| {r['seed']} | {_value_ci({'value': r.get('auroc'), 'ci95': r.get('auroc_ci95')})} | "
+                     f"{_f(r.get('worst_site_auroc'))} | {_f(r.get('balanced_accuracy_calibrated'))} | {lowest} |")
+    spread = seeds["spread"]
+
+    def cell(key: str) -> str:
+        s = spread.get(key)
+        return f"{_f(s['mean'])} +/- {_f(s['std'])}" if s else "-"
+
+    lines.append(f"| mean +/- std | {cell('auroc')} | {cell('worst_site_auroc')} | {cell('balanced_accuracy_calibrated')} | "
+                 f"{cell('lowest_site_balanced_accuracy')} |")
     return lines
 
 
