@@ -26,6 +26,7 @@ from fedfm.privacy.entries import LABEL_COUNTS
 from fedfm.privacy.ledger import LedgerError, SiteLedger
 from fedfm.protocol import is_site_name, site_order
 from fedfm.report.collect import ReportError, _metrics_with_ci, run_summary, seeds_block, site_rows
+from fedfm.report.collect import _num as _is_number
 from fedfm.run_folder import CompletedRun, open_run
 
 CARD_FILE = "MODEL_CARD.md"
@@ -486,10 +487,6 @@ def _seeds_limitations(seeds: dict[str, Any] | None) -> list[str]:
     if lowest:
         text += f"; the lowest site's balanced accuracy after calibration ranges from {_f(min(lowest))} to {_f(max(lowest))}"
     return [text + "."]
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _privacy_limitations(config: ExperimentConfig, privacy: dict[str, Any], data: dict[str, Any]) -> list[str]:
