@@ -68,10 +68,23 @@ class DataConfig(_Section):
         return self
 
 
+FEATURE_NORM_BACKBONE = "astra-ct"  # the backbone whose head input model.feature_norm normalises
+
+
 class ModelConfig(_Section):
     backbone: str = "vit-tiny"
     pretrained: bool = True
     weights_path: str | None = None
+    # astra-ct: standardise each image's pooled feature vector (zero mean, unit variance across its
+    # channels, no learned scale) before the head; none = the pooled features as they are
+    feature_norm: Literal["none", "layer"] = "none"
+
+    @model_validator(mode="after")
+    def _check_feature_norm(self) -> "ModelConfig":
+        if self.feature_norm != "none" and self.backbone != FEATURE_NORM_BACKBONE:
+            raise ValueError(f"model.feature_norm={self.feature_norm} applies to {FEATURE_NORM_BACKBONE}'s pooled features; "
+                             f"model.backbone={self.backbone} keeps its own head: set model.feature_norm=none")
+        return self
 
 
 class LoraConfig(_Section):

@@ -21,7 +21,7 @@ from fedfm.export import export_run
 from fedfm.global_model import build_global_model
 from fedfm.models import adapter_state_dict, full_model_bytes
 from fedfm.privacy.ledger import SiteLedger
-from fedfm.report.model_card import CARD_FILE, CARD_JSON, card_facts, card_markdown, write_model_card
+from fedfm.report.model_card import CARD_FILE, CARD_JSON, _model_md, card_facts, card_markdown, write_model_card
 from fedfm.results import RunRecorder, SiteEvaluation
 
 SITES = ("site-0", "site-1", "site-2")
@@ -131,6 +131,10 @@ def test_card_sections_from_the_run_folder(run):
     assert "Unit of privacy: one training example (image or volume) at a site" in card
     assert "| site-2 | held out | 120 | 15 | 40 | 40 / 80 | 5 / 10 |" in card
     assert "Backbone weights: random initialisation" in card  # vit-tiny has no published weights
+    facts = card_facts(run)
+    assert facts["model"]["feature_norm"] == "none" and "Head input:" not in card
+    facts["model"]["feature_norm"] = "layer"  # an astra-ct run with model.feature_norm=layer says so
+    assert "- Head input: each image's pooled features standardised across channels (model.feature_norm=layer)" in _model_md(facts)
     worst = results["worst_site"]
     assert f"Worst site: {worst['site']} (AUROC {worst['auroc']:.3f})" in card
     # limitations are derived from the facts

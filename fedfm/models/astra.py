@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fedfm.config import ConfigError, ModelConfig
 from fedfm.models.inputs import ImageInput
@@ -63,14 +64,23 @@ def lora_targets_for_stages(stages: Sequence[int]) -> str:
 class CTEncoderClassifier(nn.Module):
     """[0, 1] images or volumes -> channel repeat -> ResNet encoder -> global average pool -> head."""
 
-    def __init__(self, encoder: ResNetEncoder, in_channels: int, num_classes: int) -> None:
+    def __init__(self, encoder: ResNetEncoder, in_channels: int, num_classes: int, feature_norm: str = "none") -> None:
         super().__init__()
         self.inputs = ImageInput(in_channels, 3)
         self.encoder = encoder
+        self.feature_norm = feature_norm
         self.head = nn.Linear(encoder.out_width, num_classes)
 
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's output averaged over space; with feature_norm=layer, each image's vector
+        standardised across its channels (no parameters: nothing is learned or sent)."""
+        pooled = x.flatten(2).mean(-1)
+        if self.feature_norm == "layer":
+            pooled = F.layer_norm(pooled, pooled.shape[-1:])
+        return pooled
+
     def pool_and_classify(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x.flatten(2).mean(-1))
+        return self.head(self.pooled_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.encoder.dims + 2:
@@ -239,7 +249,7 @@ def build_astra_ct(model_cfg: ModelConfig, num_classes: int, in_channels: int, i
     if in_channels not in (1, 3):
         raise ConfigError(f"{NAME} takes gray (1) or RGB (3) images; the data has {in_channels} channels")
     encoder = build_ct_encoder(spatial_dims, model_cfg.pretrained, model_cfg.weights_path, progress=_progress)
-    model = CTEncoderClassifier(encoder, in_channels, num_classes)
+    model = CTEncoderClassifier(encoder, in_channels, num_classes, model_cfg.feature_norm)
     # A zero head starts every class at the same logit: under DP-SGD the first noisy steps then move
     # it from a neutral point (De et al. 2022 zero-initialise the classifier for DP fine-tuning), and
     # the encoder's uncentred 2048-d features (mean 0.3 per dimension) do not start it far off.

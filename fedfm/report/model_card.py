@@ -99,6 +99,7 @@ def model_facts(run: CompletedRun, results: dict[str, Any], folder: Path | None)
     return {
         "backbone": spec.model.backbone,
         "backbone_weights": backbone_weights(spec.model),
+        "feature_norm": spec.model.feature_norm,
         "adapter": {
             "method": lora.variant,
             "description": VARIANTS.get(lora.variant, lora.variant),
@@ -578,6 +579,8 @@ def _model_md(facts: dict[str, Any]) -> list[str]:
     lines = ["## Model", "",
              f"- Backbone: {m['backbone']}",
              f"- Backbone weights: {w['source']}{sha}",
+             *([f"- Head input: each image's pooled features standardised across channels (model.feature_norm={m['feature_norm']})"]
+               if m["feature_norm"] != "none" else []),
              f"- Adapter: {adapter}",
              f"- LoRA target modules: {_code(a['target_modules'])} ({a['target_modules_from']})"]
     if a["trained_in_full"]:

@@ -96,6 +96,32 @@ def test_classifier_takes_gray_and_rgb_in_zero_one_and_checks_dims():
             gray(torch.rand(2, 1, 4, 32, 32))
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_feature_norm_standardises_each_images_pooled_vector_before_the_head(dims):
+    torch.manual_seed(0)
+    plain = CTEncoderClassifier(_random_bn(ResNetEncoder(dims, **TINY)), 1, 2).eval()
+    normed = CTEncoderClassifier(_random_bn(ResNetEncoder(dims, **TINY)), 1, 2, "layer").eval()
+    normed.load_state_dict(plain.state_dict())  # no parameters of its own: the same state dict
+    with torch.no_grad():
+        plain.head.weight.normal_()
+        normed.head.load_state_dict(plain.head.state_dict())
+        x = torch.rand(3, 1, *([1] if dims == 3 else []), 16, 16)
+        pooled = plain.encoder(plain.inputs(x)).flatten(2).mean(-1)
+        by_hand = [(f - f.mean()) / torch.sqrt(((f - f.mean()) ** 2).mean() + 1e-5) for f in pooled]  # one image at a time
+        torch.testing.assert_close(normed(x), plain.head(torch.stack(by_hand)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain(x), plain.head(pooled))
+        assert not torch.allclose(normed(x), plain(x))
+
+
+def test_feature_norm_is_refused_for_a_backbone_without_pooled_ct_features():
+    with pytest.raises(ValueError, match=r"model\.feature_norm=layer applies to astra-ct.*set model\.feature_norm=none"):
+        ModelConfig(backbone="efficientnet-lite0", feature_norm="layer")
+    assert build_backbone(ModelConfig(backbone="astra-ct", pretrained=False, feature_norm="layer"), 2, 1, 16).model.feature_norm == "layer"
+    from fedfm.config import FEATURE_NORM_BACKBONE
+    from fedfm.models import astra
+    assert astra.NAME == FEATURE_NORM_BACKBONE
+
+
 def _tiny_backbone(dims: int) -> Backbone:
     torch.manual_seed(0)
     model = CTEncoderClassifier(_random_bn(ResNetEncoder(dims, **TINY)), 1, 2)

@@ -29,7 +29,7 @@ SIZE = 16
 TRAIN = TrainConfig(batch_size=8, max_physical_batch_size=8, lr=5e-3)
 
 
-def _tiny_ct(dims: int) -> nn.Module:
+def _tiny_ct(dims: int, feature_norm: str = "none") -> nn.Module:
     torch.manual_seed(0)
     encoder = ResNetEncoder(dims, blocks=(1, 1, 2, 1), base_width=8)
     gen = torch.Generator().manual_seed(1)
@@ -37,14 +37,14 @@ def _tiny_ct(dims: int) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) - 0.5)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    backbone = Backbone(CTEncoderClassifier(encoder, 1, 2), "astra-ct-tiny", SIZE, LORA_TARGETS_LAST_STAGE,
+    backbone = Backbone(CTEncoderClassifier(encoder, 1, 2, feature_norm), "astra-ct-tiny", SIZE, LORA_TARGETS_LAST_STAGE,
                         ["head"], dims)
     return apply_lora(backbone, LoraConfig(r=2))
 
 
 def _model(name: str) -> nn.Module:
     if name.startswith("ct"):
-        model = _tiny_ct(int(name[2]))
+        model = _tiny_ct(int(name[2]), "layer" if name.endswith("-norm") else "none")
     else:
         model, _ = build_model(ModelSpec(ModelConfig(backbone=name, pretrained=False), LoraConfig(r=2), 2, 1, SIZE))
     gen = torch.Generator().manual_seed(2)
@@ -65,7 +65,7 @@ def _split(name: str, n: int = 24, seed: int = 3) -> Split:
     return Split(rng.random(shape, dtype=np.float32), rng.integers(0, 2, n).astype(np.int64))
 
 
-BACKBONES = ["vit-tiny", "efficientnet-lite0", "ct2d", "ct3d"]
+BACKBONES = ["vit-tiny", "efficientnet-lite0", "ct2d", "ct3d", "ct2d-norm"]  # -norm: model.feature_norm=layer
 
 
 def _cached(model: nn.Module, split: Split, folder) -> tuple[nn.Module, FeatureSplit, int]:
