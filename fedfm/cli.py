@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +13,28 @@ from fedfm.appconfig import APP_DIR
 from fedfm.config import ConfigError, load_config
 
 DEFAULT_CONFIG = APP_DIR / "configs" / "quickstart.yaml"
+
+
+def check_out_folder(value: str | Path | None, flag: str = "--out") -> None:
+    """Bad input fails before any work: a folder flag that names a file (or a path under a file),
+    or a folder that cannot be created. Creates nothing; a missing folder is created later."""
+    if value is None:
+        return
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{flag} {value} is a file: give a folder (it is created if missing)")
+        return
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"{flag} {value}: {parent} is a file: give a folder (it is created if missing)")
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {value} cannot be created: no write permission in {parent}; give a folder you can write")
+
+
+def check_positive_count(value: int | None, flag: str, what: str) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{flag} {value}: {what}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,14 +105,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedfm.simulate import resumable_run
     from fedfm.study import run_study
 
+    if args.until_round < 0:
+        raise ConfigError(f"--until-round {args.until_round}: give the round K to stop after (1..federation.rounds), "
+                          "or leave it out to run to the end")
     if args.resume:
         if args.overrides or args.out:
             raise ConfigError("--resume continues a run with its own config: drop --set and --out")
         config, run_dir = resumable_run(args.resume)
+        check_until_round(args.until_round, config.federation.rounds)
         check_data(config.data)  # the data still matches the run's recorded config, which stays as it is
         run_dir = run_study(config, str(run_dir), args.verbose, resume=True, until_round=args.until_round)
     else:
+        check_out_folder(args.out)
         config = load_config(args.config, args.overrides)
+        check_until_round(args.until_round, config.federation.rounds)
+        if not args.out:
+            check_out_folder(config.output.dir, "output.dir")
         facts = resolve_data(config.data)  # before Flower and before the run folder: one line, exit 2
         check_backbone(config.model, facts.spatial_dims)  # missing weights: one line, before Flower
         print(f"[fedfm] {facts.summary()}", flush=True)
@@ -98,6 +130,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_until_round(until_round: int, rounds: int) -> None:
+    if until_round > rounds:
+        raise ConfigError(f"--until-round {until_round}: the run has federation.rounds={rounds}: give a round in "
+                          f"1..{rounds}, or leave it out to run to the end")
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from datetime import datetime
 
@@ -105,6 +143,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from fedfm.models.registry import check_backbone
     from fedfm.tune import parse_grid, parse_method_grids, run_tuning
 
+    if args.random_trials is not None and not (math.isfinite(args.random_trials) and args.random_trials > 1):
+        raise ConfigError(f"--random-trials {args.random_trials}: give the mean number of trials as a finite "
+                          "number > 1, e.g. --random-trials 4")
+    check_out_folder(args.out)
     config = load_config(args.config, args.overrides)
     facts = resolve_data(config.data)  # every candidate trains on this data: checked once, before any trial
     grid = parse_grid(args.grid)
@@ -122,6 +164,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fedfm.report import write_report
 
+    check_out_folder(args.out)
     paths = write_report(args.run_dirs, args.out or args.run_dirs[0])
     print(f"wrote {paths['html']}, {paths['md'].name} and {paths['json'].name}")
     return 0
@@ -132,6 +175,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     from fedfm.audit.scope import scope_notes
 
+    if args.canaries < 0:
+        raise ConfigError(f"--canaries {args.canaries}: give a number of canaries >= 0 (0: no canary audit)")
+    check_out_folder(args.out)  # a file fails now, not after the audit; write_audit creates a missing folder
     audits = audit_run(args.run_dir, canaries=args.canaries, seed=args.seed, keys=args.keys, anchors=args.anchors)
     json_path, md_path = write_audit(audits, args.out or args.run_dir)
     notes = scope_notes(args.run_dir)
@@ -201,6 +247,7 @@ def add_deploy(sub) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    check_out_folder(args.out)
     if args.action == "init":
         from fedfm.deploy.init import init_deployment
 
@@ -220,10 +267,16 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return 0
     from fedfm.data.resolve import resolve_data
     from fedfm.deploy.local import deploy_local
+    from fedfm.models.registry import check_backbone
 
-    overrides = list(args.overrides) + ([f"data.num_sites={args.sites}"] if args.sites else [])
+    check_positive_count(args.sites, "--sites", "a deployment needs at least one site (default: data.num_sites)")
+    check_out_folder(args.state, "--state")
+    overrides = list(args.overrides) + ([f"data.num_sites={args.sites}"] if args.sites is not None else [])
     config = load_config(args.config, overrides)
+    if not args.out:
+        check_out_folder(config.output.dir, "output.dir")
     facts = resolve_data(config.data)  # before any process, key or run folder: one line, exit 2
+    check_backbone(config.model, facts.spatial_dims)  # missing weights: one line, before any process
     print(f"[fedfm] {facts.summary()}", flush=True)
     run_dir = deploy_local(config, args.out, verbose=args.verbose, state=args.state)
     print_summary(run_dir)
@@ -233,10 +286,16 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from fedfm.bench import PARTS, run_bench, tables
 
-    parts = tuple(p.strip() for p in args.only.split(",")) if args.only else PARTS
+    parts = PARTS
+    if args.only is not None:
+        parts = tuple(p.strip() for p in args.only.split(",") if p.strip())
+        if not parts:
+            raise ConfigError(f"--only {args.only!r} names no part: give one or more of {', '.join(PARTS)} "
+                              "(comma-separated), or leave --only out to run them all")
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ConfigError(f"--only {args.only}: unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    check_out_folder(args.out)
     report = run_bench(Path(args.out), quick=args.quick, parts=parts)
     print(tables(report))
     print(f"wrote {Path(args.out) / 'bench.json'}")
@@ -248,6 +307,9 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
     if args.runs < 1:
         raise ConfigError(f"--runs {args.runs}: a soak needs at least one run")
+    check_positive_count(args.rounds, "--rounds", "each soak run needs at least one round (default 2)")
+    check_positive_count(args.sites, "--sites", "each soak run needs at least one site (default 2)")
+    check_out_folder(args.out)
     report = soak(Path(args.out), args.seed, args.runs, args.rounds, args.sites, reference=not args.no_reference)
     print(table(report))
     print(f"wrote {Path(args.out) / 'soak.json'}")
@@ -258,6 +320,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fedfm.export import export_run
     from fedfm.models.spec import MERGED_SPEC, MERGED_WEIGHTS
 
+    check_out_folder(args.out)
     folder = export_run(args.run_dir, args.out, merge=args.merge)
     written = f"{MERGED_WEIGHTS} + {MERGED_SPEC}" if args.merge else "PEFT adapter + fedfm_model.json"
     print(f"wrote {written} to {folder}")
@@ -267,6 +330,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from fedfm.predict import format_line, predict_run, write_csv
 
+    if args.out and Path(args.out).expanduser().is_dir():
+        raise ConfigError(f"--out {args.out} is a folder: give the name of the CSV file to write, e.g. --out predictions.csv")
     predictions = predict_run(args.run_dir, args.images, labelled=args.labels, calibrated=not args.uncalibrated)
     if predictions.calibration is not None:
         cal = predictions.calibration
@@ -284,9 +349,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     from fedfm.data.resolve import resolve_data
+    from fedfm.models.registry import check_backbone
 
     config = load_config(args.config, args.overrides)
-    resolve_data(config.data)  # the data opened and checked; num_classes and dataset as a run would get them
+    facts = resolve_data(config.data)  # the data opened and checked; num_classes and dataset as a run would get them
+    check_backbone(config.model, facts.spatial_dims)  # the backbone and what it loads, as a run checks them
     print(json.dumps(config.model_dump(), indent=2))
     return 0
 

@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a float key given .inf or .nan is refused like any other bad value (null stays null)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -274,6 +275,7 @@ class ExperimentConfig(_Section):
         if self.data.partition == "natural" and self.data.source == "synthetic":
             raise ValueError("data.partition=natural needs site ids in the data; synthetic data has none")
         self._check_holdout_and_study()
+        self._check_min_train_sites()
         self._check_site_ranks()
         self._check_aggregation()
         return self
@@ -295,6 +297,18 @@ class ExperimentConfig(_Section):
                 "set privacy.noise_multiplier or privacy.target_epsilon, not both "
                 "(null the one you do not want)"
             )
+
+    def _check_min_train_sites(self) -> None:
+        """A round waits for federation.min_train_sites training sites: more than train never come."""
+        wanted, sites, held = self.federation.min_train_sites, self.data.num_sites, sorted(set(self.eval.holdout_sites))
+        training = sites - len(held)
+        if wanted > training:
+            without = f" minus eval.holdout_sites={held}" if held else ""
+            raise ValueError(f"federation.min_train_sites={wanted} but only {training} sites train "
+                             f"(data.num_sites={sites}{without}): set federation.min_train_sites to at most {training}")
+        if self.eval.leave_one_site_out and wanted > sites - 1:
+            raise ValueError(f"federation.min_train_sites={wanted} but eval.leave_one_site_out trains each of its runs "
+                             f"on {sites - 1} sites: set federation.min_train_sites to at most {sites - 1}")
 
     def _check_site_ranks(self) -> None:
         ranks = self.lora.site_ranks
@@ -325,6 +339,8 @@ class ExperimentConfig(_Section):
                                  "set privacy.level=sample or eval.leave_one_site_out=false")
         if len(set(self.eval.baselines)) != len(self.eval.baselines):
             raise ValueError(f"eval.baselines={self.eval.baselines} lists a baseline twice")
+        if len(set(self.eval.seeds)) != len(self.eval.seeds):
+            raise ValueError(f"eval.seeds={self.eval.seeds} lists a seed twice: give each train.seed once")
         for name, items in self.eval.baseline_overrides.items():
             try:  # checked now, not after the federated run has finished
                 raw = apply_overrides(self.model_dump(mode="json"), items)
@@ -348,6 +364,16 @@ def _format_error(err: ValidationError) -> str:
     if key == "<config>" or first["type"] == "value_error":
         return f"invalid config: {msg.removeprefix('Value error, ')}"
     value = first.get("input")
+    loc = [str(p) for p in first["loc"]]
+    inner = loc.index("[key]") if "[key]" in loc else next((i for i, p in enumerate(first["loc"]) if isinstance(p, int)), None)
+    if inner is not None:  # an item of a list or a key of a mapping: --set replaces the whole value
+        if loc[inner] == "[key]":  # loc: (..., mapping, the bad key, "[key]")
+            whole = ".".join(loc[:inner - 1])
+            what, form = f"has the key {value!r}", f"--set '{whole}={{...}}', the whole mapping"
+        else:
+            whole = ".".join(loc[:inner])
+            what, form = f"item {loc[inner]} = {value!r}", f"--set '{whole}=[...]', the whole list"
+        return f"config key '{whole}' {what}: {msg} (fix it in the YAML or with {form})"
     return f"config key '{key}' = {value!r}: {msg} (fix it in the YAML or with --set {key}=...)"
 
 
@@ -404,15 +430,30 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder: pass a YAML file such as configs/quickstart.yaml")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist (pass a YAML file such as configs/quickstart.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not a text file (not UTF-8): pass a YAML file such as "
+                          "configs/quickstart.yaml") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {_yaml_problem(path, err)}: fix the YAML") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(raw).__name__}")
     return raw
+
+
+def _yaml_problem(path: Path, err: yaml.YAMLError) -> str:
+    """``'FILE' line N, column M: problem`` of a YAML syntax error, on one line."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err).splitlines()[0]
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"'{path}'{where}: {' '.join(str(problem).split())}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -110,8 +111,9 @@ def random_candidates(grid: dict[str, list[Any]], mean_trials: float, seed: int)
     uniformly and independently, with its own train.seed so that trials are independent runs."""
     import numpy as np
 
-    if mean_trials <= 1:
-        raise ConfigError(f"--random-trials {mean_trials}: the mean number of trials must be > 1")
+    if not (math.isfinite(mean_trials) and mean_trials > 1):
+        raise ConfigError(f"--random-trials {mean_trials}: the mean number of trials must be a finite number > 1, "
+                          "e.g. --random-trials 4")
     rng = np.random.default_rng(seed)
     grid_points = candidates(grid)
     k = int(rng.geometric(1.0 / mean_trials))
@@ -137,13 +139,14 @@ def final_config(config: ExperimentConfig, candidate: Candidate, runs: int) -> E
     return validate_config(raw)
 
 
-def check_candidates(config: ExperimentConfig, found: list[Candidate]) -> None:
-    """Every candidate must be a valid config: checked before anything runs."""
+def check_candidates(config: ExperimentConfig, found: list[Candidate], source: str = "--grid") -> None:
+    """Every candidate must be a valid config: checked before anything runs. ``source`` names where
+    the candidates came from in the message (``--grid``, or ``--method-grid METHOD``)."""
     for candidate in found:
         try:
             trial_config(config, candidate, len(found) + 1)
         except ConfigError as err:
-            raise ConfigError(f"--grid candidate {candidate.values}: {err}") from None
+            raise ConfigError(f"{source} candidate {candidate.values}: {err}") from None
 
 
 def read_trial(run_dir: Path, candidate: Candidate) -> Trial:
@@ -244,9 +247,12 @@ def run_tuning(config: ExperimentConfig, grid: dict[str, list[Any]], out: str | 
               f"{trials_count} trials", flush=True)
     runs = trials_count + 1  # every candidate, then the chosen one again with the test split
     for m in methods:
-        check_candidates(config, found[m])
+        check_candidates(config, found[m], f"--method-grid {m}" if m in (method_grids or {}) else "--grid")
     if (out / TUNING_FILE).exists() and not resume:
         raise ConfigError(f"--out {out} already holds a search: pass a new --out, or --resume to continue it")
+    if resume and not ((out / TUNING_FILE).is_file() or (out / "trials").is_dir()):
+        raise ConfigError(f"--resume: {out} holds no search to continue (no {TUNING_FILE}, no trials/): pass the "
+                          "--out of the search, or drop --resume to start a new one")
     if resume:
         check_same_search(out, grids)
     out.mkdir(parents=True, exist_ok=True)

@@ -65,8 +65,41 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml' line 2, column 1: .*: fix the YAML$") as info:
         load_config(bad)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+
+
+def test_min_train_sites_must_fit_the_sites_that_train():
+    load_config(None, ["data.num_sites=3", "federation.min_train_sites=3"])
+    with pytest.raises(ConfigError, match=r"federation.min_train_sites=4 but only 3 sites train \(data.num_sites=3\)"):
+        load_config(None, ["data.num_sites=3", "federation.min_train_sites=4"])
+    with pytest.raises(ConfigError, match=r"minus eval.holdout_sites=\[0\]\): set federation.min_train_sites to at most 2"):
+        load_config(None, ["data.num_sites=3", "eval.holdout_sites=[0]", "federation.min_train_sites=3"])
+    with pytest.raises(ConfigError, match="eval.leave_one_site_out trains each of its runs on 2 sites"):
+        load_config(None, ["data.num_sites=3", "eval.leave_one_site_out=true", "federation.min_train_sites=3"])
+
+
+def test_list_items_and_mapping_keys_suggest_setting_the_whole_value():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["eval.holdout_sites=[x]"])
+    assert "config key 'eval.holdout_sites' item 0 = 'x'" in str(info.value)
+    assert "--set 'eval.holdout_sites=[...]', the whole list" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["lora.site_ranks={3: 4}"])
+    assert "config key 'lora.site_ranks' has the key 3" in str(info.value)
+    assert "--set 'lora.site_ranks={...}', the whole mapping" in str(info.value)
+    with pytest.raises(ConfigError, match=r"--set lora.site_ranks.site-0=\.\.\."):  # a value in a mapping: that form works
+        load_config(None, ["lora.site_ranks={site-0: x}"])
+
+
+def test_float_keys_refuse_inf_and_nan_but_null_stays_allowed():
+    for override in ("train.lr=.inf", "privacy.noise_multiplier=.nan", "federation.round_timeout_s=.inf"):
+        with pytest.raises(ConfigError, match="Input should be a finite number"):
+            load_config(None, [override])
+    assert load_config(None, ["privacy.noise_multiplier=null"]).privacy.noise_multiplier is None
 
 
 def test_relative_data_path_resolves_against_the_yaml_folder(tmp_path):

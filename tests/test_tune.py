@@ -88,8 +88,9 @@ def test_random_search_draws_a_geometric_number_of_grid_points():
     assert drawn == random_candidates(grid, 4.0, 7)  # the seed replays the search
     assert all(c.values["train.lr"] in (0.01, 0.03, 0.1) for c in drawn)
     assert len({c.values["train.seed"] for c in drawn}) == len(drawn)  # independent trials
-    with pytest.raises(ConfigError, match="must be > 1"):
-        random_candidates(grid, 1.0, 0)
+    for bad in (1.0, float("nan"), float("inf")):  # nan <= 1 is false: a plain comparison let it through
+        with pytest.raises(ConfigError, match="must be a finite number > 1"):
+            random_candidates(grid, bad, 0)
 
 
 def test_random_search_bound_matches_the_theorem_for_identical_trials(tmp_path):

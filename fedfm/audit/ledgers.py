@@ -34,7 +34,7 @@ from opacus.accountants import RDPAccountant
 from fedfm.privacy.accountant import SiteAccountant
 from fedfm.privacy.anchors import ANCHOR_LOG, AnchorLog, check_ledger, verify_log
 from fedfm.audit.empirical import replay_with_canaries
-from fedfm.config import load_config
+from fedfm.config import ConfigError, load_config
 from fedfm.privacy.client_level import DP_ACCOUNTING_RDP
 from fedfm.privacy.entries import KINDS, LABEL_COUNTS, LedgerEntry
 from fedfm.privacy.ledger import LedgerError, SiteLedger, batch_of
@@ -302,6 +302,9 @@ def audit_run(path: str | Path, canaries: int = 0, seed: int = 0, keys: str | Pa
     ``keys`` is a folder of the sites' public keys (``<site>.pub``, e.g. those registered at the
     coordinator); default: ``keys/`` beside the ledgers (simulation). ``anchors`` is the folder of
     the coordinator's anchor log; default: the run's ``ledger-federation/`` when it has one."""
+    if not Path(path).is_dir():
+        what = "is a file" if Path(path).exists() else "does not exist"
+        raise ConfigError(f"RUN_DIR {path} {what}: pass a run folder (with ledger/) or a folder of <site>.jsonl ledgers")
     ledgers = find_ledgers(path)
     federation = find_client_level_ledger(path)
     if not ledgers and federation is None:
@@ -439,6 +442,7 @@ def _add_empirical(audit: SiteAudit, config, ledger: SiteLedger, canaries: int, 
 
 def write_audit(audits: list[SiteAudit], out_dir: str | Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # --out names a folder; it is created if missing
     libraries = {"opacus": version("opacus"), "dp-accounting": version("dp-accounting")}
     payload = {
         "passed": all(a.passed for a in audits),

@@ -186,6 +186,11 @@ def site_folders(cfg: DataConfig) -> tuple[Path, list[Path]]:
     if not root.is_dir():
         raise DataError(f"data.path '{cfg.path}' is not a folder: give a folder of site folders of class folders")
     sites = subfolders(root)
+    if not sites:
+        raise DataError(
+            f"data.path '{cfg.path}' has no site folders: give a folder of site folders of class folders "
+            "(<root>/<site>/<class>/*.png, or <root>/<site>/{train,val,test}/<class>/*)"
+        )
     if len(sites) != cfg.num_sites:
         raise DataError(
             f"data.num_sites={cfg.num_sites} but data.path '{cfg.path}' has {len(sites)} site folders "

@@ -45,12 +45,16 @@ def md5sum(path: Path) -> str:
     return digest.hexdigest()
 
 
+class MedmnistMissing(DataError):
+    """data.name needs the medmnist package (its table of download URLs), which is not installed."""
+
+
 def medmnist_info() -> dict[str, Any]:
     """The ``medmnist`` package's INFO table (name -> url, MD5, ...)."""
     try:
         from medmnist.info import INFO
     except ImportError:
-        raise DataError(
+        raise MedmnistMissing(
             "data.name needs the medmnist package to look up the download: pip install --no-deps medmnist, "
             "or give data.path (a MedMNIST .npz)"
         ) from None
@@ -117,11 +121,23 @@ def resolve_npz(cfg: DataConfig) -> Path:
         path = Path(cfg.path).expanduser()
         if path.is_file():
             return path
+        if path.is_dir():
+            raise DataError(f"data.path '{cfg.path}' is a folder: give the path of a MedMNIST .npz file "
+                            "(a folder of site folders is data.source=folder)")
         if not cfg.name:
             raise DataError(
                 f"data.path '{cfg.path}' does not exist: give the path of a MedMNIST .npz or set data.name to "
                 "download it"
             )
+        try:  # the shipped configs name a shared file and download by name where it is absent
+            return download_npz(cfg.name, cfg.download_dir)
+        except MedmnistMissing:
+            raise DataError(
+                f"data.path '{cfg.path}' does not exist, and downloading data.name '{cfg.name}' instead needs the "
+                "medmnist package: point data.path at the .npz, or pip install --no-deps medmnist to download it"
+            ) from None
+        except DataError as err:  # no network, a bad download: say first that data.path is missing
+            raise DataError(f"data.path '{cfg.path}' does not exist (so data.name is downloaded instead): {err}") from None
     assert cfg.name  # DataConfig guarantees path or name
     return download_npz(cfg.name, cfg.download_dir)
 

@@ -15,6 +15,7 @@ Layout of the folder it writes (``--out``, default ``deployment/``)::
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,8 @@ def init_deployment(out: str | Path, sites: int, names: list[str] | None = None,
     each site made itself) and one env file per site, and the steps."""
     if sites < 1:
         raise ConfigError(f"--sites {sites}: a deployment needs at least one site")
+    if not (math.isfinite(budget) and budget > 0):
+        raise ConfigError(f"--budget {budget}: give each site's epsilon budget as a finite number > 0, e.g. --budget 8")
     keys_from = Path(site_keys).expanduser().resolve() if site_keys else None
     if keys_from is not None:
         for site in range(sites):

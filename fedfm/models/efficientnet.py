@@ -19,6 +19,7 @@ from fedfm.config import ConfigError, ModelConfig
 from fedfm.models.inputs import IMAGENET_MEAN, IMAGENET_STD, ImageInput
 from fedfm.models.registry import Backbone, register_backbone
 from fedfm.models.stages import Stage
+from fedfm.models.weights import check_weights_file
 
 ARCH = "efficientnet-lite0"
 EFFNET_LORA_TARGETS = r".*(_blocks\.\d+\.(_expand_conv|_project_conv)|_conv_head)"
@@ -112,7 +113,7 @@ def replace_pointwise_convs(model: nn.Module) -> list[str]:
     return names
 
 
-@register_backbone(ARCH)
+@register_backbone(ARCH, check=check_weights_file)
 def build_efficientnet_lite0(model_cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> Backbone:
     """Pretrained (unless ``model.pretrained=false``) Lite0 with plain 1x1 convs and a new linear head."""
     net = load_efficientnet(model_cfg.pretrained, num_classes, image_size, model_cfg.weights_path)

@@ -139,7 +139,24 @@ def feature_dim(config: Any) -> int:
     return dim
 
 
-@register_backbone(HF_PREFIX)
+def check_hf(model_cfg: ModelConfig) -> None:
+    """Before a run: a model id after ``hf:``, no weights_path, and a local folder that exists when the
+    id is a path (starts with /, . or ~). A hub id is looked up only when the model is built."""
+    ref = model_cfg.backbone[len(HF_PREFIX):]
+    if not ref:
+        raise ConfigError(f"model.backbone='{HF_PREFIX}' needs a hub id or folder after '{HF_PREFIX}'")
+    if model_cfg.weights_path:
+        raise ConfigError("model.weights_path is not used for hf: backbones; put the model folder in model.backbone "
+                          "and null model.weights_path")
+    if ref.startswith(("/", ".", "~")):
+        folder = Path(ref).expanduser()
+        if not folder.is_dir():
+            what = "is a file" if folder.exists() else "does not exist"
+            raise ConfigError(f"model.backbone='{HF_PREFIX}{ref}': {folder} {what}: give a folder written by "
+                              "save_pretrained (config.json and the weights), or a Hugging Face hub id")
+
+
+@register_backbone(HF_PREFIX, check=check_hf)
 def build_hf(model_cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> Backbone:
     """Load ``hf:<ref>`` and put a new linear head on its CLS/pooled features.
 

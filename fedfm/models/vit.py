@@ -14,7 +14,7 @@ from fedfm.config import ConfigError, ModelConfig
 from fedfm.models.inputs import ImageInput
 from fedfm.models.registry import Backbone, register_backbone
 from fedfm.models.stages import Stage
-from fedfm.models.weights import load_weights
+from fedfm.models.weights import check_weights_file, load_weights
 
 VIT_TINY = {"hidden_size": 192, "mlp_dim": 768, "num_layers": 6, "num_heads": 3, "patch_size": 4}
 VIT_LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|out_proj)|mlp\.linear[12])"
@@ -47,7 +47,7 @@ class MonaiViTClassifier(nn.Module):
         return x
 
 
-@register_backbone("vit-tiny")
+@register_backbone("vit-tiny", check=check_weights_file)
 def build_vit_tiny(model_cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> Backbone:
     """6 layers, hidden 192, 3 heads, patch 4, learnable position embeddings, linear head."""
     if image_size % VIT_TINY["patch_size"]:
