@@ -401,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, FileNotFoundError) as err:
         print(f"fedfm: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the local SuperLink, its simulation and Ray were stopped on the way out
+        print("fedfm: interrupted: training stopped; continue a run from its last checkpoint with fedfm simulate "
+              "--resume RUN_DIR, a search with the same fedfm tune command plus --resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

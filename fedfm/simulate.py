@@ -245,7 +245,11 @@ def local_superlink_pids() -> list[int]:
 
 
 def stop_local_superlink(timeout: float = 15.0) -> None:
-    """Stop the background SuperLink that ``flwr run`` starts for local simulations."""
+    """Stop the background SuperLink that ``flwr run`` starts for local simulations, and what it
+    spawned: its SuperExec, a simulation still running (after Ctrl-C) and that simulation's Ray.
+    Those outlive a SuperLink stopped alone, and a simulation left running keeps training and
+    spending the sites' privacy budgets."""
+    spawned = spawned_by(local_superlink_pids())
     for pid in local_superlink_pids():
         try:
             os.kill(pid, signal.SIGTERM)
@@ -259,3 +263,35 @@ def stop_local_superlink(timeout: float = 15.0) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    stop_processes(spawned, timeout)
+
+
+def spawned_by(pids: list[int]) -> list:
+    """Every process below ``pids``, as psutil processes (children, their children, ...)."""
+    import psutil
+
+    below = []
+    for pid in pids:
+        try:
+            below += psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+    return below
+
+
+def stop_processes(procs: list, timeout: float) -> None:
+    """SIGTERM, then SIGKILL what is still alive after ``timeout`` seconds (Ray's agents ignore SIGTERM)."""
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
