@@ -32,7 +32,7 @@ from fedfm.config import ExperimentConfig, load_config
 from fedfm.deploy.init import init_deployment
 from fedfm.deploy.local import LocalDeployment, site_node_config
 from fedfm.protocol import site_name
-from fedfm.simulate import prepare_run_dir, write_run_config
+from fedfm.simulate import prepare_run_dir, spawned_by, write_run_config
 
 TINY = ("data.samples_per_site=120", "data.image_size=16", "train.batch_size=16")
 HOOKED = (KILL_IN_LEDGER_WRITE, DROP_REPLY, DELAY_REPLY, KILL_IN_CHECKPOINT_WRITE)
@@ -304,10 +304,7 @@ class SoakRun:
 
 def kill_coordinator(local: LocalDeployment) -> None:
     """SIGKILL the SuperLink, its SuperExec (in a session of its own) and the ServerApp."""
-    try:
-        below = psutil.Process(local.procs["superlink"].pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        below = []
+    below = spawned_by([local.procs["superlink"].pid])
     local.kill("superlink")
     for proc in below:
         _sigkill(proc)

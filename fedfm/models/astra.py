@@ -42,6 +42,7 @@ from fedfm.models.inputs import ImageInput
 from fedfm.models.registry import Backbone, register_backbone
 from fedfm.models.resnet import ResNetEncoder, centre_slice_state_dict
 from fedfm.models.stages import Stage
+from fedfm.models.weights import check_weights_file
 
 NAME = "astra-ct"
 BLOCKS = (3, 8, 36, 3)  # ResNet-152
@@ -235,9 +236,7 @@ def _progress(message: str) -> None:
 def check_weights(model_cfg: ModelConfig) -> None:
     """Before a run: the weight file is there (joined and verified now on first use), or fail in one line."""
     if model_cfg.weights_path:
-        if not Path(model_cfg.weights_path).expanduser().is_file():
-            raise ConfigError(f"model.weights_path={model_cfg.weights_path!r} does not exist: give the {NAME} "
-                              f"weight file, or null it to use the installed weights ({INSTALL})")
+        check_weights_file(model_cfg, f" to use the installed weights ({INSTALL})")
     elif model_cfg.pretrained:
         packaged_weights_path(_progress)
 

@@ -10,18 +10,19 @@ from torch import nn
 from fedfm.config import ConfigError
 
 
-def check_weights_file(model_cfg) -> None:
-    """Before a run (``register_backbone(check=...)``): ``model.weights_path``, when set, is a file."""
+def check_weights_file(model_cfg, null_means: str = "") -> None:
+    """Before a run (``register_backbone(check=...)``): ``model.weights_path``, when set, is a file.
+    ``null_means`` tells what a null weights_path gives instead (e.g. the installed weights)."""
     path = model_cfg.weights_path
     if not path:
         return
     file = Path(path).expanduser()
     if file.is_dir():
         raise ConfigError(f"model.weights_path={path!r} is a folder: give a state-dict file (.pt, .pth, .safetensors) "
-                          f"for model.backbone={model_cfg.backbone}, or null it")
+                          f"for model.backbone={model_cfg.backbone}, or null it{null_means}")
     if not file.is_file():
         raise ConfigError(f"model.weights_path={path!r} does not exist: give a state-dict file for "
-                          f"model.backbone={model_cfg.backbone}, or null it")
+                          f"model.backbone={model_cfg.backbone}, or null it{null_means}")
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:

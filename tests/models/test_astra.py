@@ -182,6 +182,11 @@ def test_loader_rejects_a_file_of_another_layout_naming_it(tmp_path):
 def test_weights_path_builds_the_registry_backbone_from_a_file(tmp_path):
     with pytest.raises(ConfigError, match=r"nothere\.pt does not exist"):
         build_backbone(ModelConfig(backbone="astra-ct", weights_path=str(tmp_path / "nothere.pt")), 2, 1, 16)
+    from fedfm.models.registry import check_backbone  # before a run: the shared file check, astra-ct's hint
+    with pytest.raises(ConfigError, match=r"nothere\.pt' does not exist.*or null it to use the installed weights"):
+        check_backbone(ModelConfig(backbone="astra-ct", weights_path=str(tmp_path / "nothere.pt")), 2)
+    with pytest.raises(ConfigError, match=r"is a folder"):
+        check_backbone(ModelConfig(backbone="astra-ct", weights_path=str(tmp_path)), 2)
 
 
 def test_2d_only_backbones_refuse_volumes():
