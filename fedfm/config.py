@@ -69,7 +69,7 @@ class DataConfig(_Section):
         return self
 
 
-FEATURE_NORM_BACKBONE = "astra-ct"  # the backbone whose head input model.feature_norm normalises
+HEAD_INPUT_BACKBONE = "astra-ct"  # the backbone whose head input feature_norm, feature_stage and flip_average shape
 
 
 class ModelConfig(_Section):
@@ -79,12 +79,21 @@ class ModelConfig(_Section):
     # astra-ct: standardise each image's pooled feature vector (zero mean, unit variance across its
     # channels, no learned scale) before the head; none = the pooled features as they are
     feature_norm: Literal["none", "layer"] = "none"
+    # astra-ct: the encoder stage (1-4) whose pooled output feeds the head; later stages are not
+    # built or run (3: layer3's 1024-d features); the default LoRA targets are this stage's 1x1 convs
+    feature_stage: int = Field(4, ge=1, le=4)
+    # astra-ct with lora.variant=head: the head sees the mean of each image's pooled features and
+    # those of its left-right mirror (two passes of the frozen encoder, computed once with the cache)
+    flip_average: bool = False
 
     @model_validator(mode="after")
-    def _check_feature_norm(self) -> "ModelConfig":
-        if self.feature_norm != "none" and self.backbone != FEATURE_NORM_BACKBONE:
-            raise ValueError(f"model.feature_norm={self.feature_norm} applies to {FEATURE_NORM_BACKBONE}'s pooled features; "
-                             f"model.backbone={self.backbone} keeps its own head: set model.feature_norm=none")
+    def _check_head_input(self) -> "ModelConfig":
+        for key, value, default in (("feature_norm", self.feature_norm, "none"),
+                                    ("feature_stage", self.feature_stage, 4),
+                                    ("flip_average", self.flip_average, False)):
+            if value != default and self.backbone != HEAD_INPUT_BACKBONE:
+                raise ValueError(f"model.{key}={value} applies to {HEAD_INPUT_BACKBONE}'s pooled features; "
+                                 f"model.backbone={self.backbone} keeps its own head: set model.{key}={default}")
         return self
 
 
@@ -278,6 +287,9 @@ class ExperimentConfig(_Section):
         self._check_min_train_sites()
         self._check_site_ranks()
         self._check_aggregation()
+        if self.model.flip_average and self.lora.variant != "head":
+            raise ValueError(f"model.flip_average=true needs a frozen encoder (lora.variant=head); lora.variant="
+                             f"{self.lora.variant} adapts it: set lora.variant=head or model.flip_average=false")
         return self
 
     def _check_aggregation(self) -> None:

@@ -12,13 +12,15 @@ An inflated 3D ResNet-152 (117.5 M parameters, MIT-licensed weights) from the
 Gray input is repeated to the encoder's 3 channels (as Merlin does), RGB passes as is, and input
 stays in [0, 1] (the encoder was trained on CT windowed to [0, 1], no mean/std). Global average
 pooling of the last stage gives a 2048-d feature and a new linear ``head`` classifies it.
+``model.feature_stage`` builds and runs only the first stages (3: layer3's 1024-d features), and
+``model.flip_average`` feeds the head the mean of an image's and its mirror image's features.
 Weights stored in bfloat16 are cast to float32 once, at load; BatchNorm stays in eval mode
 (fedfm freezes every norm layer). ``model.weights_path`` reads another file of the same layout
 (a torch ``{"state_dict": ...}`` or safetensors file with the encoder's keys).
 
-The default LoRA targets are the 1x1 convolutions of the last stage (``layer4``: conv1, conv3
+The default LoRA targets are the 1x1 convolutions of the last stage built (``layer4``: conv1, conv3
 and the shortcut's projection), so every adapted layer takes fedfm's fused per-sample gradients
-and everything before ``layer4`` is a frozen prefix that sites compute once
+and everything before that stage is a frozen prefix that sites compute once
 (:mod:`fedfm.training.activation_cache`).
 """
 
@@ -63,42 +65,60 @@ def lora_targets_for_stages(stages: Sequence[int]) -> str:
 
 
 class CTEncoderClassifier(nn.Module):
-    """[0, 1] images or volumes -> channel repeat -> ResNet encoder -> global average pool -> head."""
+    """[0, 1] images or volumes -> channel repeat -> ResNet encoder -> global average pool -> head.
 
-    def __init__(self, encoder: ResNetEncoder, in_channels: int, num_classes: int, feature_norm: str = "none") -> None:
+    With ``flip_average`` the pooled features are the mean of the image's and its left-right
+    mirror's (the last axis flipped): two passes of the frozen encoder, one feature vector. The
+    encoder must then be frozen as a whole (only the head trains), so one stage computes the
+    averaged features and the activation cache holds them.
+    """
+
+    def __init__(self, encoder: ResNetEncoder, in_channels: int, num_classes: int, feature_norm: str = "none",
+                 flip_average: bool = False) -> None:
         super().__init__()
         self.inputs = ImageInput(in_channels, 3)
         self.encoder = encoder
         self.feature_norm = feature_norm
+        self.flip_average = flip_average
         self.head = nn.Linear(encoder.out_width, num_classes)
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's output averaged over space; with feature_norm=layer, each image's vector
-        standardised across its channels (no parameters: nothing is learned or sent)."""
-        pooled = x.flatten(2).mean(-1)
+        """The last stage's output averaged over space."""
+        return x.flatten(2).mean(-1)
+
+    def mirrored_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of the input and of its mirror image, averaged."""
+        encode = lambda images: self.pooled_features(self.encoder(self.inputs(images)))  # noqa: E731
+        return (encode(x) + encode(torch.flip(x, dims=[-1]))) / 2
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head on pooled features; with feature_norm=layer, each image's vector standardised
+        across its channels first (no parameters: nothing is learned or sent)."""
         if self.feature_norm == "layer":
             pooled = F.layer_norm(pooled, pooled.shape[-1:])
-        return pooled
+        return self.head(pooled)
 
     def pool_and_classify(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pooled_features(x))
+        return self.classify(self.pooled_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.encoder.dims + 2:
             raise ValueError(f"{NAME} built for {self.encoder.dims}D input got a tensor of shape {tuple(x.shape)}")
+        if self.flip_average:
+            return self.classify(self.mirrored_features(x))
         return self.pool_and_classify(self.encoder(self.inputs(x)))
 
     def stages(self) -> list[Stage]:
         enc = self.encoder
+        if self.flip_average:
+            return [Stage("encoder, mirror-averaged", (self.inputs, enc), self.mirrored_features),
+                    Stage("head", (self.head,), self.classify)]
         out = [Stage("stem", (self.inputs, enc.conv1, enc.bn1, enc.maxpool), lambda x: enc.stem(self.inputs(x)))]
         for s in range(1, enc.num_stages + 1):
             for b, block in enumerate(getattr(enc, f"layer{s}")):
                 out.append(Stage(f"layer{s}.{b}", (block,), block))
         out.append(Stage("head", (self.head,), self.pool_and_classify))
         return out
-
-
-# -- the weight file ------------------------------------------------------------------------------
 
 
 def packaged_weights_path(progress=print) -> Path:
@@ -202,9 +222,12 @@ def read_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_encoder(encoder: ResNetEncoder, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a 3D encoder state dict into ``encoder`` (2D: the centre depth-slices), naming misfits."""
+    """Load a 3D encoder state dict into ``encoder`` (2D: the centre depth-slices), naming misfits.
+    An encoder built with fewer stages (model.feature_stage) takes the file's first stages."""
     if encoder.dims == 2:
         state = centre_slice_state_dict(state)
+    later = tuple(f"layer{stage}." for stage in range(encoder.num_stages + 1, len(BLOCKS) + 1))
+    state = {k: v for k, v in state.items() if not k.startswith(later)} if later else state
     own = encoder.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -247,8 +270,9 @@ def build_astra_ct(model_cfg: ModelConfig, num_classes: int, in_channels: int, i
     """The CT encoder (2D form for images, 3D for volumes) with a new linear head."""
     if in_channels not in (1, 3):
         raise ConfigError(f"{NAME} takes gray (1) or RGB (3) images; the data has {in_channels} channels")
-    encoder = build_ct_encoder(spatial_dims, model_cfg.pretrained, model_cfg.weights_path, progress=_progress)
-    model = CTEncoderClassifier(encoder, in_channels, num_classes, model_cfg.feature_norm)
+    encoder = build_ct_encoder(spatial_dims, model_cfg.pretrained, model_cfg.weights_path,
+                               blocks=BLOCKS[:model_cfg.feature_stage], progress=_progress)
+    model = CTEncoderClassifier(encoder, in_channels, num_classes, model_cfg.feature_norm, model_cfg.flip_average)
     # A zero head starts every class at the same logit: under DP-SGD the first noisy steps then move
     # it from a neutral point (De et al. 2022 zero-initialise the classifier for DP fine-tuning), and
     # the encoder's uncentred 2048-d features (mean 0.3 per dimension) do not start it far off.
@@ -258,7 +282,7 @@ def build_astra_ct(model_cfg: ModelConfig, num_classes: int, in_channels: int, i
         model=model,
         name=NAME,
         image_size=image_size,
-        lora_targets=LORA_TARGETS_LAST_STAGE,
+        lora_targets=lora_targets_for_stages([model_cfg.feature_stage]),
         head=["head"],
         spatial_dims=spatial_dims,
     )

@@ -100,6 +100,8 @@ def model_facts(run: CompletedRun, results: dict[str, Any], folder: Path | None)
         "backbone": spec.model.backbone,
         "backbone_weights": backbone_weights(spec.model),
         "feature_norm": spec.model.feature_norm,
+        "feature_stage": spec.model.feature_stage,
+        "flip_average": spec.model.flip_average,
         "adapter": {
             "method": lora.variant,
             "description": VARIANTS.get(lora.variant, lora.variant),
@@ -568,6 +570,18 @@ def render_markdown(facts: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _head_input(m: dict[str, Any]) -> list[str]:
+    """The model card line that says how the head's input differs from the backbone's own pooling."""
+    parts = []
+    if m.get("feature_stage", 4) != 4:
+        parts.append(f"the encoder's stage {m['feature_stage']} pooled, later stages not run (model.feature_stage={m['feature_stage']})")
+    if m.get("flip_average"):
+        parts.append("the mean of each image's and its left-right mirror's pooled features (model.flip_average=true)")
+    if m.get("feature_norm", "none") != "none":
+        parts.append(f"each image's pooled features standardised across channels (model.feature_norm={m['feature_norm']})")
+    return [f"- Head input: {'; '.join(parts)}"] if parts else []
+
+
 def _model_md(facts: dict[str, Any]) -> list[str]:
     m = facts["model"]
     a, w = m["adapter"], m["backbone_weights"]
@@ -579,8 +593,7 @@ def _model_md(facts: dict[str, Any]) -> list[str]:
     lines = ["## Model", "",
              f"- Backbone: {m['backbone']}",
              f"- Backbone weights: {w['source']}{sha}",
-             *([f"- Head input: each image's pooled features standardised across channels (model.feature_norm={m['feature_norm']})"]
-               if m["feature_norm"] != "none" else []),
+             *_head_input(m),
              f"- Adapter: {adapter}",
              f"- LoRA target modules: {_code(a['target_modules'])} ({a['target_modules_from']})"]
     if a["trained_in_full"]:

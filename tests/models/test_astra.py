@@ -117,9 +117,66 @@ def test_feature_norm_is_refused_for_a_backbone_without_pooled_ct_features():
     with pytest.raises(ValueError, match=r"model\.feature_norm=layer applies to astra-ct.*set model\.feature_norm=none"):
         ModelConfig(backbone="efficientnet-lite0", feature_norm="layer")
     assert build_backbone(ModelConfig(backbone="astra-ct", pretrained=False, feature_norm="layer"), 2, 1, 16).model.feature_norm == "layer"
-    from fedfm.config import FEATURE_NORM_BACKBONE
+    from fedfm.config import HEAD_INPUT_BACKBONE
     from fedfm.models import astra
-    assert astra.NAME == FEATURE_NORM_BACKBONE
+    assert astra.NAME == HEAD_INPUT_BACKBONE
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_flip_average_gives_the_head_the_mean_of_the_image_and_its_mirror(dims):
+    torch.manual_seed(0)
+    plain = CTEncoderClassifier(_random_bn(ResNetEncoder(dims, **TINY)), 1, 2).eval()
+    flipped = CTEncoderClassifier(_random_bn(ResNetEncoder(dims, **TINY)), 1, 2, flip_average=True).eval()
+    flipped.load_state_dict(plain.state_dict())  # no parameters of its own
+    with torch.no_grad():
+        plain.head.weight.normal_()
+        flipped.head.load_state_dict(plain.head.state_dict())
+        x = torch.rand(3, 1, *([2] if dims == 3 else []), 16, 16)
+        mirror = x[..., torch.arange(15, -1, -1)]  # the last axis reversed, by index
+        pool = lambda images: plain.encoder(plain.inputs(images)).flatten(2).mean(-1)  # noqa: E731
+        torch.testing.assert_close(flipped(x), plain.head((pool(x) + pool(mirror)) / 2), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(flipped(x), plain(x), atol=1e-4)
+        torch.testing.assert_close(flipped(mirror), flipped(x), rtol=1e-5, atol=1e-5)  # mirror-invariant
+        stages = flipped.stages()  # the encoder is one stage: its output, the averaged features, is what a site caches
+        assert [s.name for s in stages] == ["encoder, mirror-averaged", "head"]
+        torch.testing.assert_close(stages[1].forward(stages[0].forward(x)), flipped(x))
+
+
+def test_feature_stage_builds_the_first_stages_from_the_whole_file(tmp_path):
+    torch.manual_seed(0)
+    file = _write(tmp_path / "enc.pt", _random_bn(ResNetEncoder(3, **TINY)).state_dict())
+    whole, first3 = ResNetEncoder(2, **TINY).eval(), ResNetEncoder(2, blocks=TINY["blocks"][:3], base_width=8).eval()
+    load_encoder(whole, read_encoder_state(file), str(file))
+    load_encoder(first3, read_encoder_state(file), str(file))  # layer4's tensors are left out, the rest must fit
+    assert not any(k.startswith("layer4.") for k in first3.state_dict()) and first3.out_width == 4 * 8 * 4
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(first3(x), whole.layer3(whole.layer2(whole.layer1(whole.stem(x)))))
+    backbone = build_backbone(ModelConfig(backbone="astra-ct", pretrained=False, feature_stage=3), 2, 1, 16)
+    assert backbone.model.head.in_features == 1024 and backbone.model.encoder.num_stages == 3
+    model = apply_lora(backbone, LoraConfig(r=2))
+    adapted = {n.split(".lora_")[0] for n, p in model.named_parameters() if "lora_" in n}
+    assert adapted and all(".layer3." in n for n in adapted)  # the default targets follow the stage
+    assert unsupported_layer(model) is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(backbone="efficientnet-lite0", flip_average=True), r"model\.flip_average=True applies to astra-ct.*model\.flip_average=False"),
+    (dict(backbone="vit-tiny", feature_stage=3), r"model\.feature_stage=3 applies to astra-ct.*model\.feature_stage=4"),
+])
+def test_head_input_options_are_refused_for_other_backbones(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**overrides)
+    with pytest.raises(ValueError, match="less than or equal to 4"):
+        ModelConfig(backbone="astra-ct", feature_stage=5)
+
+
+def test_flip_average_needs_a_frozen_encoder():
+    from fedfm.config import ExperimentConfig
+    model = ModelConfig(backbone="astra-ct", flip_average=True)
+    with pytest.raises(ValueError, match=r"model\.flip_average=true needs a frozen encoder \(lora\.variant=head\); lora\.variant=lora"):
+        ExperimentConfig(model=model, lora=LoraConfig(variant="lora"))
+    assert ExperimentConfig(model=model, lora=LoraConfig(variant="head")).model.flip_average
 
 
 def _tiny_backbone(dims: int) -> Backbone:

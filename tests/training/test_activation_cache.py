@@ -29,7 +29,7 @@ SIZE = 16
 TRAIN = TrainConfig(batch_size=8, max_physical_batch_size=8, lr=5e-3)
 
 
-def _tiny_ct(dims: int, feature_norm: str = "none") -> nn.Module:
+def _tiny_ct(dims: int, feature_norm: str = "none", flip_average: bool = False) -> nn.Module:
     torch.manual_seed(0)
     encoder = ResNetEncoder(dims, blocks=(1, 1, 2, 1), base_width=8)
     gen = torch.Generator().manual_seed(1)
@@ -37,14 +37,14 @@ def _tiny_ct(dims: int, feature_norm: str = "none") -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) - 0.5)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    backbone = Backbone(CTEncoderClassifier(encoder, 1, 2, feature_norm), "astra-ct-tiny", SIZE, LORA_TARGETS_LAST_STAGE,
-                        ["head"], dims)
-    return apply_lora(backbone, LoraConfig(r=2))
+    backbone = Backbone(CTEncoderClassifier(encoder, 1, 2, feature_norm, flip_average), "astra-ct-tiny", SIZE,
+                        LORA_TARGETS_LAST_STAGE, ["head"], dims)
+    return apply_lora(backbone, LoraConfig(r=2, variant="head" if flip_average else "lora"))
 
 
 def _model(name: str) -> nn.Module:
     if name.startswith("ct"):
-        model = _tiny_ct(int(name[2]), "layer" if name.endswith("-norm") else "none")
+        model = _tiny_ct(int(name[2]), "layer" if name.endswith("-norm") else "none", name.endswith("-flip"))
     else:
         model, _ = build_model(ModelSpec(ModelConfig(backbone=name, pretrained=False), LoraConfig(r=2), 2, 1, SIZE))
     gen = torch.Generator().manual_seed(2)
@@ -56,7 +56,7 @@ def _model(name: str) -> nn.Module:
 
 
 def _dims(name: str) -> int:
-    return 3 if name == "ct3d" else 2
+    return 3 if name.startswith("ct3d") else 2
 
 
 def _split(name: str, n: int = 24, seed: int = 3) -> Split:
@@ -65,7 +65,8 @@ def _split(name: str, n: int = 24, seed: int = 3) -> Split:
     return Split(rng.random(shape, dtype=np.float32), rng.integers(0, 2, n).astype(np.int64))
 
 
-BACKBONES = ["vit-tiny", "efficientnet-lite0", "ct2d", "ct3d", "ct2d-norm"]  # -norm: model.feature_norm=layer
+# -norm: model.feature_norm=layer; -flip: model.flip_average=true (head only: the cache holds the averaged features)
+BACKBONES = ["vit-tiny", "efficientnet-lite0", "ct2d", "ct3d", "ct2d-norm", "ct2d-flip", "ct3d-flip"]
 
 
 def _cached(model: nn.Module, split: Split, folder) -> tuple[nn.Module, FeatureSplit, int]:
@@ -80,8 +81,8 @@ def test_cached_logits_equal_the_full_model(name, tmp_path):
     suffix, features, length = _cached(model, split, tmp_path)
     stages = model_stages(model)
     assert 0 < length < len(stages) and not stages[length - 1].has_trainable() and stages[length].has_trainable()
-    if name.startswith("ct"):
-        assert stages[length].name == "layer4.0"  # all of the stem and layer1..3 are cached
+    if name.startswith("ct"):  # all of the stem and layer1..3 are cached; with flip_average the whole encoder
+        assert stages[length].name == ("head" if name.endswith("-flip") else "layer4.0")
     model.eval()
     with torch.no_grad():
         full = model(torch.tensor(split.images))
