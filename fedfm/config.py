@@ -82,15 +82,16 @@ class ModelConfig(_Section):
     # astra-ct: the encoder stage (1-4) whose pooled output feeds the head; later stages are not
     # built or run (3: layer3's 1024-d features); the default LoRA targets are this stage's 1x1 convs
     feature_stage: int = Field(4, ge=1, le=4)
-    # astra-ct with lora.variant=head: the head sees the mean of each image's pooled features and
-    # those of its left-right mirror (two passes of the frozen encoder, computed once with the cache)
-    flip_average: bool = False
+    # astra-ct with lora.variant=head: the head sees the mean of the pooled features of each image and
+    # its mirror images (horizontal: 2 views, the last axis flipped; horizontal_vertical: 4 views, the
+    # last two axes flipped each and both), passes of the frozen encoder computed once with the cache
+    flip_average: Literal["none", "horizontal", "horizontal_vertical"] = "none"
 
     @model_validator(mode="after")
     def _check_head_input(self) -> "ModelConfig":
         for key, value, default in (("feature_norm", self.feature_norm, "none"),
                                     ("feature_stage", self.feature_stage, 4),
-                                    ("flip_average", self.flip_average, False)):
+                                    ("flip_average", self.flip_average, "none")):
             if value != default and self.backbone != HEAD_INPUT_BACKBONE:
                 raise ValueError(f"model.{key}={value} applies to {HEAD_INPUT_BACKBONE}'s pooled features; "
                                  f"model.backbone={self.backbone} keeps its own head: set model.{key}={default}")
@@ -287,9 +288,9 @@ class ExperimentConfig(_Section):
         self._check_min_train_sites()
         self._check_site_ranks()
         self._check_aggregation()
-        if self.model.flip_average and self.lora.variant != "head":
-            raise ValueError(f"model.flip_average=true needs a frozen encoder (lora.variant=head); lora.variant="
-                             f"{self.lora.variant} adapts it: set lora.variant=head or model.flip_average=false")
+        if self.model.flip_average != "none" and self.lora.variant != "head":
+            raise ValueError(f"model.flip_average={self.model.flip_average} needs a frozen encoder (lora.variant=head); "
+                             f"lora.variant={self.lora.variant} adapts it: set lora.variant=head or model.flip_average=none")
         return self
 
     def _check_aggregation(self) -> None:

@@ -135,9 +135,9 @@ def test_card_sections_from_the_run_folder(run):
     assert facts["model"]["feature_norm"] == "none" and "Head input:" not in card
     facts["model"]["feature_norm"] = "layer"  # an astra-ct run with model.feature_norm=layer says so
     assert "- Head input: each image's pooled features standardised across channels (model.feature_norm=layer)" in _model_md(facts)
-    facts["model"].update(feature_stage=3, flip_average=True)  # every option that shapes the head input is named
+    facts["model"].update(feature_stage=3, flip_average="horizontal")  # every option that shapes the head input is named
     assert ("- Head input: the encoder's stage 3 pooled, later stages not run (model.feature_stage=3); the mean of "
-            "each image's and its left-right mirror's pooled features (model.flip_average=true); each image's pooled "
+            "each image's and its left-right mirror's pooled features (model.flip_average=horizontal); each image's pooled "
             "features standardised across channels (model.feature_norm=layer)") in _model_md(facts)
     worst = results["worst_site"]
     assert f"Worst site: {worst['site']} (AUROC {worst['auroc']:.3f})" in card

@@ -13,7 +13,7 @@ Gray input is repeated to the encoder's 3 channels (as Merlin does), RGB passes 
 stays in [0, 1] (the encoder was trained on CT windowed to [0, 1], no mean/std). Global average
 pooling of the last stage gives a 2048-d feature and a new linear ``head`` classifies it.
 ``model.feature_stage`` builds and runs only the first stages (3: layer3's 1024-d features), and
-``model.flip_average`` feeds the head the mean of an image's and its mirror image's features.
+``model.flip_average`` feeds the head the mean of an image's and its mirror images' features.
 Weights stored in bfloat16 are cast to float32 once, at load; BatchNorm stays in eval mode
 (fedfm freezes every norm layer). ``model.weights_path`` reads another file of the same layout
 (a torch ``{"state_dict": ...}`` or safetensors file with the encoder's keys).
@@ -54,6 +54,8 @@ WEIGHTS_KIND = "astra"
 WEIGHTS_BYTES = 235_318_802
 WEIGHTS_SHA256 = "d793f6bb020381d998a40548425f62cf34165c88c98f3fa3c5ef20f6cf23828a"
 ENCODER_PARAMETERS = 117_517_632  # 3D, BatchNorm included
+# model.flip_average: the axes each view flips (() = the image itself)
+FLIPS = {"none": ((),), "horizontal": ((), (-1,)), "horizontal_vertical": ((), (-1,), (-2,), (-1, -2))}
 # peft regex (full match on the module name): 1x1 convolutions of layer4
 LORA_TARGETS_LAST_STAGE = r"encoder\.layer4\.\d+\.(conv1|conv3|downsample\.0)"
 
@@ -67,18 +69,21 @@ def lora_targets_for_stages(stages: Sequence[int]) -> str:
 class CTEncoderClassifier(nn.Module):
     """[0, 1] images or volumes -> channel repeat -> ResNet encoder -> global average pool -> head.
 
-    With ``flip_average`` the pooled features are the mean of the image's and its left-right
-    mirror's (the last axis flipped): two passes of the frozen encoder, one feature vector. The
-    encoder must then be frozen as a whole (only the head trains), so one stage computes the
-    averaged features and the activation cache holds them.
+    With ``flip_average`` the pooled features are the mean over the image and its mirror images
+    (``horizontal``: the last axis flipped; ``horizontal_vertical``: also the second-last, and both):
+    one pass of the frozen encoder per view, one feature vector. The encoder must then be frozen as
+    a whole (only the head trains), so one stage computes the averaged features and the activation
+    cache holds them.
     """
 
     def __init__(self, encoder: ResNetEncoder, in_channels: int, num_classes: int, feature_norm: str = "none",
-                 flip_average: bool = False) -> None:
+                 flip_average: str = "none") -> None:
         super().__init__()
         self.inputs = ImageInput(in_channels, 3)
         self.encoder = encoder
         self.feature_norm = feature_norm
+        if flip_average not in FLIPS:
+            raise ValueError(f"flip_average={flip_average!r}: use one of {', '.join(FLIPS)}")
         self.flip_average = flip_average
         self.head = nn.Linear(encoder.out_width, num_classes)
 
@@ -87,9 +92,9 @@ class CTEncoderClassifier(nn.Module):
         return x.flatten(2).mean(-1)
 
     def mirrored_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features of the input and of its mirror image, averaged."""
-        encode = lambda images: self.pooled_features(self.encoder(self.inputs(images)))  # noqa: E731
-        return (encode(x) + encode(torch.flip(x, dims=[-1]))) / 2
+        """Pooled features of the input and of its mirror images, averaged."""
+        views = [torch.flip(x, dims) if dims else x for dims in FLIPS[self.flip_average]]
+        return torch.stack([self.pooled_features(self.encoder(self.inputs(v))) for v in views]).mean(0)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """The head on pooled features; with feature_norm=layer, each image's vector standardised
@@ -104,14 +109,14 @@ class CTEncoderClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.encoder.dims + 2:
             raise ValueError(f"{NAME} built for {self.encoder.dims}D input got a tensor of shape {tuple(x.shape)}")
-        if self.flip_average:
+        if self.flip_average != "none":
             return self.classify(self.mirrored_features(x))
         return self.pool_and_classify(self.encoder(self.inputs(x)))
 
     def stages(self) -> list[Stage]:
         enc = self.encoder
-        if self.flip_average:
-            return [Stage("encoder, mirror-averaged", (self.inputs, enc), self.mirrored_features),
+        if self.flip_average != "none":
+            return [Stage(f"encoder, averaged over {len(FLIPS[self.flip_average])} views", (self.inputs, enc), self.mirrored_features),
                     Stage("head", (self.head,), self.classify)]
         out = [Stage("stem", (self.inputs, enc.conv1, enc.bn1, enc.maxpool), lambda x: enc.stem(self.inputs(x)))]
         for s in range(1, enc.num_stages + 1):

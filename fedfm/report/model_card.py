@@ -575,8 +575,9 @@ def _head_input(m: dict[str, Any]) -> list[str]:
     parts = []
     if m.get("feature_stage", 4) != 4:
         parts.append(f"the encoder's stage {m['feature_stage']} pooled, later stages not run (model.feature_stage={m['feature_stage']})")
-    if m.get("flip_average"):
-        parts.append("the mean of each image's and its left-right mirror's pooled features (model.flip_average=true)")
+    views = {"horizontal": "its left-right mirror's", "horizontal_vertical": "its left-right, up-down and doubly flipped mirrors'"}
+    if m.get("flip_average", "none") in views:
+        parts.append(f"the mean of each image's and {views[m['flip_average']]} pooled features (model.flip_average={m['flip_average']})")
     if m.get("feature_norm", "none") != "none":
         parts.append(f"each image's pooled features standardised across channels (model.feature_norm={m['feature_norm']})")
     return [f"- Head input: {'; '.join(parts)}"] if parts else []

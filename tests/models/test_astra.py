@@ -126,19 +126,26 @@ def test_feature_norm_is_refused_for_a_backbone_without_pooled_ct_features():
 def test_flip_average_gives_the_head_the_mean_of_the_image_and_its_mirror(dims):
     torch.manual_seed(0)
     plain = CTEncoderClassifier(_random_bn(ResNetEncoder(dims, **TINY)), 1, 2).eval()
-    flipped = CTEncoderClassifier(_random_bn(ResNetEncoder(dims, **TINY)), 1, 2, flip_average=True).eval()
+    flipped = CTEncoderClassifier(_random_bn(ResNetEncoder(dims, **TINY)), 1, 2, flip_average="horizontal").eval()
+    four = CTEncoderClassifier(_random_bn(ResNetEncoder(dims, **TINY)), 1, 2, flip_average="horizontal_vertical").eval()
     flipped.load_state_dict(plain.state_dict())  # no parameters of its own
+    four.load_state_dict(plain.state_dict())
     with torch.no_grad():
         plain.head.weight.normal_()
         flipped.head.load_state_dict(plain.head.state_dict())
+        four.head.load_state_dict(plain.head.state_dict())
         x = torch.rand(3, 1, *([2] if dims == 3 else []), 16, 16)
-        mirror = x[..., torch.arange(15, -1, -1)]  # the last axis reversed, by index
+        back = torch.arange(15, -1, -1)
+        mirror, upside_down = x[..., back], x[..., back, :]  # the last / second-last axis reversed, by index
         pool = lambda images: plain.encoder(plain.inputs(images)).flatten(2).mean(-1)  # noqa: E731
         torch.testing.assert_close(flipped(x), plain.head((pool(x) + pool(mirror)) / 2), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(flipped(x), plain(x), atol=1e-4)
         torch.testing.assert_close(flipped(mirror), flipped(x), rtol=1e-5, atol=1e-5)  # mirror-invariant
+        views = (pool(x) + pool(mirror) + pool(upside_down) + pool(upside_down[..., back])) / 4
+        torch.testing.assert_close(four(x), plain.head(views), rtol=1e-5, atol=1e-5)
+        assert four.stages()[0].name == "encoder, averaged over 4 views"
         stages = flipped.stages()  # the encoder is one stage: its output, the averaged features, is what a site caches
-        assert [s.name for s in stages] == ["encoder, mirror-averaged", "head"]
+        assert [s.name for s in stages] == ["encoder, averaged over 2 views", "head"]
         torch.testing.assert_close(stages[1].forward(stages[0].forward(x)), flipped(x))
 
 
@@ -161,7 +168,7 @@ def test_feature_stage_builds_the_first_stages_from_the_whole_file(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(backbone="efficientnet-lite0", flip_average=True), r"model\.flip_average=True applies to astra-ct.*model\.flip_average=False"),
+    (dict(backbone="efficientnet-lite0", flip_average="horizontal"), r"model\.flip_average=horizontal applies to astra-ct.*model\.flip_average=none"),
     (dict(backbone="vit-tiny", feature_stage=3), r"model\.feature_stage=3 applies to astra-ct.*model\.feature_stage=4"),
 ])
 def test_head_input_options_are_refused_for_other_backbones(overrides, message):
@@ -173,10 +180,10 @@ def test_head_input_options_are_refused_for_other_backbones(overrides, message):
 
 def test_flip_average_needs_a_frozen_encoder():
     from fedfm.config import ExperimentConfig
-    model = ModelConfig(backbone="astra-ct", flip_average=True)
-    with pytest.raises(ValueError, match=r"model\.flip_average=true needs a frozen encoder \(lora\.variant=head\); lora\.variant=lora"):
+    model = ModelConfig(backbone="astra-ct", flip_average="horizontal_vertical")
+    with pytest.raises(ValueError, match=r"model\.flip_average=horizontal_vertical needs a frozen encoder \(lora\.variant=head\); lora\.variant=lora"):
         ExperimentConfig(model=model, lora=LoraConfig(variant="lora"))
-    assert ExperimentConfig(model=model, lora=LoraConfig(variant="head")).model.flip_average
+    assert ExperimentConfig(model=model, lora=LoraConfig(variant="head")).model.flip_average == "horizontal_vertical"
 
 
 def _tiny_backbone(dims: int) -> Backbone:

@@ -29,7 +29,7 @@ SIZE = 16
 TRAIN = TrainConfig(batch_size=8, max_physical_batch_size=8, lr=5e-3)
 
 
-def _tiny_ct(dims: int, feature_norm: str = "none", flip_average: bool = False) -> nn.Module:
+def _tiny_ct(dims: int, feature_norm: str = "none", flip_average: str = "none") -> nn.Module:
     torch.manual_seed(0)
     encoder = ResNetEncoder(dims, blocks=(1, 1, 2, 1), base_width=8)
     gen = torch.Generator().manual_seed(1)
@@ -39,12 +39,14 @@ def _tiny_ct(dims: int, feature_norm: str = "none", flip_average: bool = False) 
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
     backbone = Backbone(CTEncoderClassifier(encoder, 1, 2, feature_norm, flip_average), "astra-ct-tiny", SIZE,
                         LORA_TARGETS_LAST_STAGE, ["head"], dims)
-    return apply_lora(backbone, LoraConfig(r=2, variant="head" if flip_average else "lora"))
+    return apply_lora(backbone, LoraConfig(r=2, variant="head" if flip_average != "none" else "lora"))
 
 
 def _model(name: str) -> nn.Module:
     if name.startswith("ct"):
-        model = _tiny_ct(int(name[2]), "layer" if name.endswith("-norm") else "none", name.endswith("-flip"))
+        flips = {"-flip": "horizontal", "-flip4": "horizontal_vertical"}
+        model = _tiny_ct(int(name[2]), "layer" if name.endswith("-norm") else "none",
+                         next((v for k, v in flips.items() if name.endswith(k)), "none"))
     else:
         model, _ = build_model(ModelSpec(ModelConfig(backbone=name, pretrained=False), LoraConfig(r=2), 2, 1, SIZE))
     gen = torch.Generator().manual_seed(2)
@@ -65,8 +67,9 @@ def _split(name: str, n: int = 24, seed: int = 3) -> Split:
     return Split(rng.random(shape, dtype=np.float32), rng.integers(0, 2, n).astype(np.int64))
 
 
-# -norm: model.feature_norm=layer; -flip: model.flip_average=true (head only: the cache holds the averaged features)
-BACKBONES = ["vit-tiny", "efficientnet-lite0", "ct2d", "ct3d", "ct2d-norm", "ct2d-flip", "ct3d-flip"]
+# -norm: model.feature_norm=layer; -flip / -flip4: model.flip_average=horizontal / horizontal_vertical
+# (head only: the cache holds the averaged features)
+BACKBONES = ["vit-tiny", "efficientnet-lite0", "ct2d", "ct3d", "ct2d-norm", "ct2d-flip", "ct3d-flip", "ct2d-flip4"]
 
 
 def _cached(model: nn.Module, split: Split, folder) -> tuple[nn.Module, FeatureSplit, int]:
@@ -82,7 +85,7 @@ def test_cached_logits_equal_the_full_model(name, tmp_path):
     stages = model_stages(model)
     assert 0 < length < len(stages) and not stages[length - 1].has_trainable() and stages[length].has_trainable()
     if name.startswith("ct"):  # all of the stem and layer1..3 are cached; with flip_average the whole encoder
-        assert stages[length].name == ("head" if name.endswith("-flip") else "layer4.0")
+        assert stages[length].name == ("head" if "-flip" in name else "layer4.0")
     model.eval()
     with torch.no_grad():
         full = model(torch.tensor(split.images))
