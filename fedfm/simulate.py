@@ -58,7 +58,10 @@ def resumable_run(run_dir: str | Path) -> tuple[ExperimentConfig, Path]:
     results = run_dir / "results.json"
     complete = results.exists() and json.loads(results.read_text()).get("status") == "complete"
     if complete and not (config.eval.leave_one_site_out or config.eval.baselines or config.eval.seeds):
-        raise ConfigError(f"--resume {run_dir}: the run is already complete")
+        from fedfm.study import missing_at_end
+
+        if not missing_at_end(config, run_dir):  # else the resume writes what a kill kept its end from writing
+            raise ConfigError(f"--resume {run_dir}: the run is already complete")
     return config, run_dir
 
 

@@ -10,7 +10,8 @@ Layout of a run folder::
 
 Each part is a complete run of its own, written as it finishes; ``fedfm simulate --resume RUN``
 continues a study where it stopped: finished parts are kept, an interrupted Flower run resumes
-from its checkpoint, an interrupted in-process baseline starts again (its ledger is new).
+from its checkpoint, an interrupted in-process baseline starts again (its ledger is new); a study
+whose runs are all complete trains nothing and writes its report and model card if they are missing.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def run_study(config: ExperimentConfig, out: str | None = None, verbose: bool = 
     """Run the federated experiment and every part the config's ``eval`` section asks for."""
     if resume and out is not None and is_complete(Path(out)):
         run_dir = Path(out)
+        if all(is_complete(part) for part in part_dirs(config, run_dir)):
+            return finish_complete(config, run_dir)
         print(f"[fedfm] federated run already complete in {run_dir}", flush=True)
     else:
         run_dir = run_simulation(config, out, verbose=verbose, resume=resume, until_round=until_round)
@@ -89,10 +92,41 @@ def run_study(config: ExperimentConfig, out: str | None = None, verbose: bool = 
     if in_process:
         run_in_process_baselines(config, in_process, run_dir / "baselines")
     if config.eval.report:
-        from fedfm.report import write_report
+        write_study_report(run_dir)
+    return run_dir
 
-        paths = write_report([run_dir], run_dir)
-        print(f"[fedfm] report: {paths['html']}", flush=True)
+
+def part_dirs(config: ExperimentConfig, run_dir: Path) -> list[Path]:
+    """The folder of every part of the study besides the federated run (seeds, leave-one-site-out, baselines)."""
+    seeds = [seed_dir(run_dir, s) for s in config.eval.seeds if s != config.train.seed]
+    loso = [loso_dir(run_dir, k) for k in range(config.data.num_sites)] if config.eval.leave_one_site_out else []
+    return [*seeds, *loso, *(baseline_dir(run_dir, name) for name in config.eval.baselines)]
+
+
+def write_study_report(run_dir: Path) -> None:
+    """What a study ends with (eval.report): the report and the model card, from the results in ``run_dir``."""
+    from fedfm.report import write_report
+
+    paths = write_report([run_dir], run_dir)
+    print(f"[fedfm] report: {paths['html']}", flush=True)
+
+
+def missing_at_end(config: ExperimentConfig, run_dir: Path) -> list[str]:
+    """The files a complete study writes last (report, model card) that ``run_dir`` lacks: a kill came first."""
+    from fedfm.report import missing_report
+
+    return missing_report(run_dir) if config.eval.report else []
+
+
+def finish_complete(config: ExperimentConfig, run_dir: Path) -> Path:
+    """A resumed study with every run complete: nothing trains; what a kill kept its end from writing is written now."""
+    missing = missing_at_end(config, run_dir)
+    if not missing:
+        print(f"[fedfm] already complete: {run_dir}", flush=True)
+        return run_dir
+    print(f"[fedfm] already complete: {run_dir}; writing its missing {', '.join(missing)} from the saved results "
+          "(no training)", flush=True)
+    write_study_report(run_dir)
     return run_dir
 
 

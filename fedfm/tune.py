@@ -285,9 +285,8 @@ def run_tuning(config: ExperimentConfig, grid: dict[str, list[Any]], out: str | 
     final.eval.baselines = [m for m in final.eval.baselines if m in state.chosen]
     final.eval.baseline_overrides = {m: [*config.eval.baseline_overrides.get(m, []), *found[m][state.chosen[m].number].overrides]
                                      for m in final.eval.baselines}
-    if _complete(out) and not (final.eval.baselines or final.eval.seeds):
-        return out
-    print("[fedfm] tune: the chosen values, once, with the test split", flush=True)
+    if not _complete(out):  # else run_study keeps it, and writes what a kill kept its end from writing
+        print("[fedfm] tune: the chosen values, once, with the test split", flush=True)
     return run_study(final, str(out), verbose, resume=resume and (out / "checkpoint" / "state.json").is_file())
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 from fedfm.report.collect import ReportError, collect
 from fedfm.results import write_json
 
-__all__ = ["ReportError", "build_report", "write_report"]
+__all__ = ["ReportError", "build_report", "missing_report", "write_report"]
+
+REPORT_FILES = {"json": "report.json", "md": "report.md", "html": "report.html"}
 
 
 def build_report(run_dirs: list[str | Path]) -> dict:
@@ -33,7 +35,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
     report = build_report(run_dirs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    paths = {kind: out / name for kind, name in REPORT_FILES.items()}
     write_json(paths["json"], report)
     report = json.loads(paths["json"].read_text())  # render exactly what report.json holds (NaN -> null)
     paths["md"].write_text(to_markdown(report))
@@ -43,3 +45,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
 
         paths["card"] = write_model_card(run_dirs[0], out)  # the report's page links it
     return paths
+
+
+def missing_report(run_dir: str | Path) -> list[str]:
+    """What ``write_report([run_dir], run_dir)`` writes that ``run_dir`` lacks: the report's files and the model card's."""
+    from fedfm.report.model_card import CARD_FILE, CARD_JSON
+
+    return [name for name in (*REPORT_FILES.values(), CARD_FILE, CARD_JSON) if not (Path(run_dir) / name).is_file()]
