@@ -25,6 +25,7 @@ from fedfm.eval.metrics import bootstrap_intervals, classification_metrics, reli
 from fedfm.global_model import run_method
 from fedfm.models import save_adapter
 from fedfm.models.method import AdapterMethod
+from fedfm.privacy.ledger import LedgerError, spent_epsilon
 from fedfm.protocol import BUDGET_EPSILON, DELTA, EPSILON, LABEL_COUNTS, NUM_EXAMPLES, SIZES, TRAIN_LOSS, site_name, site_order
 TEST_METRICS = ("auroc", "accuracy", "balanced_accuracy", "loss", "ece", "sensitivity", "specificity")
 
@@ -59,6 +60,9 @@ class RunRecorder:
     validation: dict[str, Any] = field(default_factory=dict)  # the final adapter on the validation splits
     calibration: Calibration | None = None  # fitted on the sites' summed validation statistics
     method: AdapterMethod | None = None  # the run's adaptation method (default: the config's)
+    # simulation: the sites' ledger folder, where results.json reads each site's spent epsilon; None
+    # (deployment: the ledgers stay at the sites) takes it from the site's last accepted train reply
+    ledger_dir: Path | None = None
 
     @property
     def adapter_method(self) -> AdapterMethod:
@@ -246,7 +250,7 @@ class RunRecorder:
                 "n_test": int(metrics.pop(SIZES["n_test"], 0)),
                 "label_counts": {k: [int(c) for c in metrics.pop(f"{LABEL_COUNTS}{k}", [])] for k in ("train", "val", "test")},
                 **summarize_site_test(metrics, ev),
-                "epsilon": float(train.get(EPSILON, 0.0)),
+                **self._epsilon(site, train),
                 "delta": float(train.get(DELTA, 0.0)),
                 "budget_epsilon": float(train[BUDGET_EPSILON]) if train.get(BUDGET_EPSILON) else None,  # what it enforced
                 "rounds_trained": sum(site in r["participants"] for r in self.rounds),
@@ -259,6 +263,19 @@ class RunRecorder:
                 own = summarize_site_test(dict(ev.personal.metrics), ev.personal)
                 sites[site].update({"test_personal": own["test"], "test_personal_ci95": own["test_ci95"]})
         return sites
+
+    def _epsilon(self, site: str, train: dict[str, Any]) -> dict[str, Any]:
+        """The site's spent epsilon and where it was read: its ledger when the coordinator can read it
+        (a reply the server rejected, or a round refused after it, can leave the last accepted reply
+        below what the ledger holds), else the site's last accepted train reply."""
+        reply = {"epsilon": float(train.get(EPSILON, 0.0)), "epsilon_source": "train reply"}
+        if self.ledger_dir is None:
+            return reply
+        try:
+            spent = spent_epsilon(self.ledger_dir, site)
+        except LedgerError as err:
+            return {**reply, "epsilon_source": f"train reply (the ledger fails verification: {err})"}
+        return {"epsilon": spent or 0.0, "epsilon_source": "ledger"}
 
     def _calibration(self) -> dict[str, Any] | None:
         if self.calibration is None:

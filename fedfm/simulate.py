@@ -68,8 +68,9 @@ def resumable_run(run_dir: str | Path) -> tuple[ExperimentConfig, Path]:
 def write_run_config(config: ExperimentConfig, run_dir: Path, resume: bool = False, until_round: int = 0,
                      ledger_dir: Path | None = None, anchor_dir: Path | None = None) -> Path:
     """The ``--run-config`` TOML: the resolved experiment as JSON, the output folder, resume settings,
-    when several runs share the sites' ledgers (a search) the ledger folder, and when the
-    coordinator's anchor log outlives the run (deployment state) its folder."""
+    in simulation the sites' ledger folder (RUN/ledger, or the one several runs of a search share;
+    the coordinator reads the sites' spent epsilon there), and when the coordinator's anchor log
+    outlives the run (deployment state) its folder."""
     path = run_dir / "run-config.toml"
     path.write_text(
         f"config-json = {json.dumps(config.to_json())}\n"
@@ -131,7 +132,8 @@ def run_simulation(
     if not (APP_DIR / "pyproject.toml").is_file():
         raise ConfigError(f"fedfm simulate needs the fedfm app folder (with pyproject.toml); not found at {APP_DIR}")
     run_dir = Path(out).resolve() if resume else prepare_run_dir(config, out)
-    command = flwr_command(config, write_run_config(config, run_dir, resume, until_round, ledger_dir))
+    # the sites' ledgers are in this machine's folder: the coordinator reads their spent epsilon there
+    command = flwr_command(config, write_run_config(config, run_dir, resume, until_round, ledger_dir or run_dir / "ledger"))
     users = superlink_users.users_dir(LOCAL_SUPERLINK_PORT)
     entry = superlink_users.join(users)  # before looking: a run ending meanwhile then leaves the SuperLink up
     started = False

@@ -107,5 +107,6 @@ def main(grid: Grid, context: Context) -> None:
         resume=bool(run.get("resume", False)),
         until_round=int(run.get("until-round", 0) or 0),
         anchor_dir=str(run.get("anchor-dir") or ""),
+        ledger_dir=str(run.get("ledger-dir") or ""),  # simulation only: deployed sites keep their ledgers
     )
     serve(GridLink(grid), config, request)

@@ -55,7 +55,7 @@ def test_two_sites_two_rounds_synthetic_end_to_end(tmp_path):
         releases = [e for e in entries if e.get("kind") == "label-counts"]
         assert len(releases) == 1 and releases[0] is entries[0]  # class balance: the noisy label counts, first
         assert [e["round"] for e in entries[1:]] == [1, 2]
-        assert entries[-1]["epsilon"] == site["epsilon"]
+        assert entries[-1]["epsilon"] == site["epsilon"] and site["epsilon_source"] == "ledger"  # read from the ledger
     assert results["pooled"]["n"] == sum(s["n_test"] for s in results["sites"].values())
     worst = results["worst_site"]
     assert worst["auroc"] == min(s["test"]["auroc"] for s in results["sites"].values())

@@ -38,6 +38,7 @@ class RunRequest:
     resume: bool = False
     until_round: int = 0  # stop (paused) after this round; 0: run every round
     anchor_dir: str = ""  # deployment: the sites' ledger heads live next to the SuperLink's state
+    ledger_dir: str = ""  # simulation: the sites' ledger folder (results.json reads their spent epsilon there)
 
 
 def serve(link: Link, config: ExperimentConfig, request: RunRequest) -> dict[str, Any] | None:
@@ -46,7 +47,8 @@ def serve(link: Link, config: ExperimentConfig, request: RunRequest) -> dict[str
     method = run_method(config)
     model = method.global_model()
     initial = adapter_state_dict(model)
-    recorder = RunRecorder(config, run_dir, model, full_model_bytes(model), method=method)
+    recorder = RunRecorder(config, run_dir, model, full_model_bytes(model), method=method,
+                           ledger_dir=Path(request.ledger_dir) if request.ledger_dir else None)
     fed = config.federation
     done = 0
     if request.resume:

@@ -82,6 +82,12 @@ class SiteLedger:
         return entry
 
 
+def spent_epsilon(folder: str | Path, site: str) -> float | None:
+    """The epsilon ``site``'s verified ledger in ``folder`` records as spent (its last entry's); None: no entry."""
+    last = next((e for e in reversed(SiteLedger(folder, site).verify()) if "epsilon" in e), None)
+    return None if last is None else float(last["epsilon"])
+
+
 def batch_of(entry: dict[str, Any]) -> StepBatch:
     return StepBatch(float(entry["noise_multiplier"]), float(entry["sample_rate"]), int(entry["steps"]))
 

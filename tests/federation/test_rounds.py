@@ -238,3 +238,35 @@ def test_the_last_rounds_validation_is_the_final_validation_one_message_per_site
     # round 2's validation and the final one were two messages per site; now they are one
     assert kinds(two_link).count(("evaluate", "val", 2)) == 3 and kinds(two_link).count(("evaluate", "val", None)) == 3
     assert kinds(one_link)[-3:] == [("evaluate", "val", 2)] * 3 and len(one_link.sent) == len(two_link.sent) - 6
+
+
+def test_results_report_the_epsilon_a_sites_ledger_holds_where_the_coordinator_can_read_it(tmp_path):
+    """Round 2's reply of site-1 is rejected (non-finite) after its ledger recorded the round: the
+    last accepted reply says epsilon 1, the ledger 2. Simulation reads the ledger; deployment, whose
+    ledgers stay at the sites, keeps the reply's value and says so."""
+    from fedfm.federation.workflow import RunRequest, serve
+    from fedfm.privacy.ledger import SiteLedger
+
+    def ledgered(ledgers):
+        honest = trains(1, 10)
+
+        def reply(message):
+            answer = honest(message)
+            if message.kind == "train":
+                SiteLedger(ledgers, "site-1").append({"round": server_round(message.config), "steps": 1,
+                                                      "epsilon": float(server_round(message.config))})
+                if server_round(message.config) == 2:
+                    answer.arrays = {k: torch.full_like(v, math.nan) for k, v in answer.arrays.items()}
+            return answer
+        return reply
+
+    spent = {}
+    for where in ("simulation", "deployment"):
+        ledgers = tmp_path / where / "ledger"
+        config, *_ = _run(tmp_path / where, "federation.rounds=2", "eval.test=false", "federation.site_wait_s=0")
+        request = RunRequest(run_dir=tmp_path / where / "run", ledger_dir=str(ledgers) if where == "simulation" else "")
+        results = serve(MemoryLink({10: trains(0, 30), 11: ledgered(ledgers)}), config, request)
+        assert "rejected" in results["rounds"][1]["refused"]["node 11"]
+        spent[where] = {k: results["sites"]["site-1"][k] for k in ("epsilon", "epsilon_source")}
+    assert spent == {"simulation": {"epsilon": 2.0, "epsilon_source": "ledger"},
+                     "deployment": {"epsilon": 1.0, "epsilon_source": "train reply"}}
