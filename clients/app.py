@@ -16,7 +16,8 @@ from flwr.clientapp import ClientApp
 
 from fedfm.deploy import worker_client
 from fedfm.packed import pack, unpack
-from fedfm.protocol import ARRAYS, CONFIG, LAYOUT, LEDGER_HEAD, METRICS, PROCESS_AGE, SITE_CALL_SECONDS, SITE_WORKER_FAILED
+from fedfm.protocol import (ARRAYS, CONFIG, LAYOUT, LEDGER_HEAD, METRICS, PROCESS_AGE, REFUSAL, REFUSAL_CODE, REFUSAL_REASON,
+                            SITE_CALL_SECONDS, SITE_WORKER_FAILED)
 
 app = ClientApp()
 
@@ -69,14 +70,24 @@ def handle(call: str, msg: Message, context: Context) -> Message:
             raise RuntimeError(f"the site worker raised:\n{answer['failed']}")
     else:
         answer = in_process(request)
-    if answer["error"] is not None:
+    if answer["error"] is not None and not answer["metrics"]:
         code, reason = answer["error"]
         return Message(error=Error(code=code, reason=reason), reply_to=msg)
+    return Message(content=reply_content(call, answer, age), reply_to=msg)
+
+
+def reply_content(call: str, answer: dict, age: float) -> RecordDict:
+    """The records of a site's answer: its metrics, its update and layout, its signed ledger head; a
+    refusal that carries metrics (the validation a train message asked for first) also its code and
+    reason, as a Flower error reply holds no content."""
     metrics = dict(answer["metrics"])
-    if call == "train":
+    content = RecordDict()
+    if answer["error"] is not None:
+        code, reason = answer["error"]
+        content[REFUSAL] = ConfigRecord({REFUSAL_CODE: int(code), REFUSAL_REASON: str(reason)})
+    elif call == "train":
         metrics[PROCESS_AGE] = age
         metrics[SITE_CALL_SECONDS] = answer["seconds"]
-    content = RecordDict()
     if answer["arrays"] is not None:  # one array per dtype and its layout (fedfm.packed)
         packed, layout = pack(answer["arrays"])
         content[ARRAYS] = ArrayRecord({name: Array(value) for name, value in packed.items()})
@@ -84,7 +95,7 @@ def handle(call: str, msg: Message, context: Context) -> Message:
     content[METRICS] = MetricRecord(metrics)
     if answer["head"] is not None:  # the coordinator anchors it (fedfm.privacy.anchors)
         content[LEDGER_HEAD] = ConfigRecord(answer["head"])
-    return Message(content=content, reply_to=msg)
+    return content
 
 
 @app.train()

@@ -70,6 +70,9 @@ CONFIG = "config"  # ConfigRecord: what the server asks for
 METRICS = "metrics"  # MetricRecord: what the site reports
 LAYOUT = "layout"  # the adapter's layout (fedfm.packed): in the server's ConfigRecord, and a ConfigRecord of a train reply
 LEDGER_HEAD = "ledger-head"  # ConfigRecord: a DP-SGD site's signed ledger head, in its train reply
+# ConfigRecord: a refusal that carries metrics (the validation a train message asked for first), whose
+# code and reason travel beside them: a transport's error reply holds no content
+REFUSAL, REFUSAL_CODE, REFUSAL_REASON = "refusal", "code", "reason"
 
 # --- config keys (server -> site) ---------------------------------------------------------------
 SERVER_ROUND = "server-round"  # set by Flower's strategies

@@ -76,19 +76,19 @@ def as_numpy(adapter: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 def train(site: Site, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> Outcome:
     """Train one round on the global adapter ``arrays``; a refusal (budget, held out, rolled-back
     ledger) comes back as the outcome's ``error``. With ``VALIDATE`` the site first evaluates
-    ``arrays`` on its validation split (the server's last round) and sends those metrics along."""
-    validation = evaluate(site, arrays, {SPLIT: "val"}).metrics if config.get(VALIDATE) else None
+    ``arrays`` on its validation split (the server's last round) and sends those metrics along,
+    with its update or with its refusal."""
+    validation: dict[str, Any] = {}
+    if config.get(VALIDATE):
+        with_validation(validation, evaluate(site, arrays, {SPLIT: "val"}).metrics)
     try:
         reply = site.train(as_torch(arrays), server_round(config))
     except tuple(kind for kind, _ in REFUSALS) as refusal:
         code = next(code for kind, code in REFUSALS if isinstance(refusal, kind))
-        return Outcome(error=(code, str(refusal)))
+        return Outcome(validation, error=(code, str(refusal)))
     sent = as_numpy(encode(reply.adapter, site.config.federation.transport))
     head = reply.head.to_dict() if reply.head is not None else None  # the coordinator anchors it
-    metrics = dict(reply.metrics)
-    if validation is not None:
-        with_validation(metrics, validation)
-    return Outcome(metrics, sent, head)
+    return Outcome({**reply.metrics, **validation}, sent, head)
 
 
 def evaluate(site: Site, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> Outcome:

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedfm.appconfig import experiment_from_run_config
 from fedfm.federation import TRAIN, Outgoing, Reply, RunRequest, serve
 from fedfm.packed import LayoutError, pack, unpack
-from fedfm.protocol import ARRAYS, CONFIG, LAYOUT, LEDGER_HEAD, METRICS
+from fedfm.protocol import ARRAYS, CONFIG, LAYOUT, LEDGER_HEAD, METRICS, REFUSAL, REFUSAL_CODE, REFUSAL_REASON
 
 app = ServerApp()
 
@@ -78,6 +78,9 @@ def as_reply(message: Message) -> Reply:
     content = message.content
     arrays = [v for v in content.values() if isinstance(v, ArrayRecord)]
     metrics = dict(content[METRICS]) if METRICS in content else None
+    if REFUSAL in content:  # a refusal with the metrics computed before it: they count as an accepted reply's do
+        refusal = content[REFUSAL]
+        return Reply(node, metrics=metrics, error_code=int(refusal[REFUSAL_CODE]), error_reason=str(refusal[REFUSAL_REASON]))
     head = dict(content[LEDGER_HEAD]) if LEDGER_HEAD in content else None
     layout = str(content[LAYOUT][LAYOUT]) if LAYOUT in content and LAYOUT in content[LAYOUT] else None
     if len(arrays) != 1 or layout is None:  # an evaluate reply carries no adapter; the core rejects a train reply without one
