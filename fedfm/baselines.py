@@ -29,6 +29,7 @@ from fedfm.config import ExperimentConfig
 from fedfm.data import SiteData, Split, load_sites
 from fedfm.eval.calibration import CALIBRATED, Calibration, calibrated_metrics, fit_calibration, site_statistics, sum_statistics
 from fedfm.models import adapter_state_dict
+from fedfm.privacy.ledger import spent_epsilon
 from fedfm.results import TEST_METRICS, SiteEvaluation, pooled_summary, summarize_site_test, worst_site, write_json
 from fedfm.protocol import EPSILON, TRAIN_LOSS, site_name, sorted_sites
 from fedfm.site import BudgetExhausted, Site
@@ -75,6 +76,11 @@ def train_alone(site: Site, rounds: int, log_prefix: str = "") -> tuple[dict[str
     return adapter, history, None
 
 
+def spent(site: Site) -> float:
+    """What ``site``'s ledger records as spent: every attempt of the baseline on it (0 without DP-SGD)."""
+    return spent_epsilon(site.ledger.path.parent, site.name) or 0.0
+
+
 def evaluate_on(site: Site, adapter: dict[str, torch.Tensor], data: SiteData, split: str = "test") -> SiteEvaluation:
     """Evaluate ``adapter`` (trained by ``site``) on another site's ``split``."""
     probe = Site(site.config, data.site_id, site.ledger.path.parent, data=data)
@@ -82,26 +88,26 @@ def evaluate_on(site: Site, adapter: dict[str, torch.Tensor], data: SiteData, sp
     return SiteEvaluation(dict(reply.metrics), reply.probs, reply.labels)
 
 
-def run_local_site(config: ExperimentConfig, site_id: int, out_dir: Path) -> dict[str, Any]:
+def run_local_site(config: ExperimentConfig, site_id: int, out_dir: Path, run_id: str = "") -> dict[str, Any]:
     """One site's local-only model: trained alone with its own DP budget, tested on its own test split."""
-    site = Site(config, site_id, out_dir / "ledger")
+    site = Site(config, site_id, out_dir / "ledger", run_id=run_id)
     started = time.time()
     adapter, history, stopped = train_alone(site, config.federation.rounds, f"local {site.name}: ")
     evaluation = evaluate_on(site, adapter, site.data) if config.eval.test else None
     validation = evaluate_on(site, adapter, site.data, "val")
     return {"site": site.name, "evaluation": evaluation, "validation": {site.name: validation},
             "history": history, "stopped": stopped,
-            "epsilon": history[-1]["epsilon"] if history else 0.0, "n_train": len(site.data.train),
+            "epsilon": spent(site), "n_train": len(site.data.train),
             "seconds": time.time() - started}
 
 
-def run_pooled(config: ExperimentConfig, private: bool, out_dir: Path) -> dict[str, Any]:
+def run_pooled(config: ExperimentConfig, private: bool, out_dir: Path, run_id: str = "") -> dict[str, Any]:
     """The centralized model: every training site's data in one place, evaluated on every site's test split."""
     if not private:
         config = config.model_copy(deep=True)
         config.privacy.enabled = False
     sites = training_sites(config)
-    site = Site(config, POOLED_SITE_ID, out_dir / "ledger", data=pooled_site_data(sites))
+    site = Site(config, POOLED_SITE_ID, out_dir / "ledger", data=pooled_site_data(sites), run_id=run_id)
     started = time.time()
     name = "centralized" if private else "centralized_nodp"
     adapter, history, stopped = train_alone(site, config.federation.rounds, f"{name}: ")
@@ -109,7 +115,7 @@ def run_pooled(config: ExperimentConfig, private: bool, out_dir: Path) -> dict[s
                    if config.eval.test else {})
     validation = {site_name(s.site_id): evaluate_on(site, adapter, s, "val") for s in sites}
     return {"site": site.name, "evaluations": evaluations, "validation": validation, "history": history, "stopped": stopped,
-            "epsilon": history[-1]["epsilon"] if history else 0.0, "n_train": len(site.data.train),
+            "epsilon": spent(site), "n_train": len(site.data.train),
             "seconds": time.time() - started}
 
 
@@ -216,12 +222,13 @@ def validation_summary(evaluations: dict[str, SiteEvaluation], calibrations: dic
     return summary
 
 
-def run_job(config_json: str, kind: str, site_id: int, out_dir: str) -> dict[str, Any]:
-    """One unit of baseline work, picklable for a process pool: a local site, or a centralized model."""
+def run_job(config_json: str, kind: str, site_id: int, out_dir: str, run_id: str = "") -> dict[str, Any]:
+    """One unit of baseline work, picklable for a process pool: a local site, or a centralized model;
+    ``run_id`` names the attempt in its ledger entries (a restart after an interruption is another)."""
     config = ExperimentConfig.model_validate_json(config_json)
     if kind == "local":
-        return run_local_site(config, site_id, Path(out_dir))
-    return run_pooled(config, private=(kind == "centralized"), out_dir=Path(out_dir))
+        return run_local_site(config, site_id, Path(out_dir), run_id)
+    return run_pooled(config, private=(kind == "centralized"), out_dir=Path(out_dir), run_id=run_id)
 
 
 def baseline_jobs(config: ExperimentConfig, names: list[str], root: Path) -> list[tuple[str, str, int, str]]:

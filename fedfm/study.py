@@ -10,20 +10,23 @@ Layout of a run folder::
 
 Each part is a complete run of its own, written as it finishes; ``fedfm simulate --resume RUN``
 continues a study where it stopped: finished parts are kept, an interrupted Flower run resumes
-from its checkpoint, an interrupted in-process baseline starts again (its ledger is new); a study
-whose runs are all complete trains nothing and writes its report and model card if they are missing.
+from its checkpoint, an interrupted in-process baseline starts again on its sites' ledgers (what
+the interrupted attempt spent is kept and counts against their budgets); a study whose runs are
+all complete trains nothing and writes its report and model card if they are missing.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
 from fedfm.baselines import IN_PROCESS, baseline_jobs, is_complete, run_job, write_baseline_results
 from fedfm.config import ExperimentConfig, apply_overrides, validate_config
+from fedfm.privacy.ledger import spent_epsilon
 from fedfm.protocol import loso_folder, site_name
 from fedfm.run_folder import seed_dir
 from fedfm.simulate import run_simulation
@@ -145,7 +148,7 @@ def run_in_process_baselines(config: ExperimentConfig, names: list[str], root: P
     """Train the local and centralized baselines in a pool of processes, one per CPU."""
     todo = [name for name in names if not is_complete(root / name)]
     for name in todo:
-        shutil.rmtree(root / name, ignore_errors=True)  # a half-done baseline restarts with a fresh ledger
+        keep_spent_ledgers(root / name, name)
     configs = {name: baseline_config(config, name) for name in todo}
     jobs = baseline_jobs(part_config(config), todo, root)
     if not jobs:
@@ -154,12 +157,35 @@ def run_in_process_baselines(config: ExperimentConfig, names: list[str], root: P
     print(f"[fedfm] baselines {', '.join(todo)}: {len(jobs)} trainings on {workers} processes", flush=True)
     parts: dict[str, list] = {name: [] for name in todo}
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(run_job, configs[name].to_json(), kind, site_id, out): name
+        attempt = time.strftime("%Y%m%d-%H%M%S")  # the ledgers tell an interrupted attempt from its restart
+        futures = {pool.submit(run_job, configs[name].to_json(), kind, site_id, out, f"{name}-{attempt}"): name
                    for name, kind, site_id, out in jobs}
         for future in as_completed(futures):
             parts[futures[future]].append(future.result())
     for name in todo:
         results = write_baseline_results(configs[name], name, root / name, parts[name])
+        for site, why in results["stopped_early"].items():
+            print(f"[fedfm] baseline {name}: {site} stopped early: {why}", flush=True)
         auroc = results["pooled"].get("auroc")
         print(f"[fedfm] baseline {name}: pooled test AUROC {auroc:.4f}" if auroc is not None
               else f"[fedfm] baseline {name}: done", flush=True)
+
+
+def keep_spent_ledgers(folder: Path, name: str) -> None:
+    """Clear an interrupted baseline for its restart, except its sites' ledgers when they record
+    spending: the hospitals were charged for it, so the restart trains on the same ledgers (the
+    audit verifies and composes both attempts) and their budgets count it; a site it leaves too
+    little for refuses the restart's rounds and the baseline says so."""
+    ledger = folder / "ledger"
+    spent = {path.stem: spent_epsilon(ledger, path.stem) for path in sorted(ledger.glob("*.jsonl"))}
+    spent = {site: epsilon for site, epsilon in spent.items() if epsilon}
+    if not spent:
+        shutil.rmtree(folder, ignore_errors=True)  # nothing spent: the restart starts afresh
+        return
+    for path in folder.iterdir():  # the rest of the attempt goes
+        if path != ledger:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(ledger / "personal", ignore_errors=True)  # its personal state: the restart starts at round 1
+    print(f"[fedfm] baseline {name} was interrupted after spending epsilon "
+          + ", ".join(f"{site} {epsilon:.3f}" for site, epsilon in spent.items())
+          + f": its ledgers in {ledger} are kept and the restart's budgets count it (a site may stop early)", flush=True)
